@@ -1,0 +1,3 @@
+from graphinfer.cli import main
+
+main()

@@ -1,0 +1,212 @@
+"""The ``graphinfer`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from graphinfer.errors import ConfigurationError
+from graphinfer.logs import configure_logging
+from graphinfer.settings import Settings, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _maybe_embedded(embedded: bool, database_name: str = "graphinfer") -> Iterator[None]:
+    """Start the embedded broker and database when asked, and point the settings at them."""
+    if not embedded:
+        yield
+        return
+    from graphinfer.embedded import EmbeddedStack, terminate_on_sigterm
+
+    # Configured before the settings are read, so the stack's start-up is logged.
+    configure_logging(
+        os.environ.get("GRAPHINFER_LOG_LEVEL", "INFO"), os.environ.get("GRAPHINFER_LOG_FORMAT", "text")
+    )
+
+    stack = EmbeddedStack(database_name=database_name)
+    with terminate_on_sigterm():
+        try:
+            asyncio.run(stack.start())
+            os.environ.update(stack.environment())
+            yield
+        finally:
+            stack.stop()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="graphinfer")
+def main() -> None:
+    """graphinfer: graph inference over Kafka, with results in PostgreSQL."""
+
+
+@main.command()
+@click.option("--embedded", is_flag=True, help="Start the embedded broker and use a local PostgreSQL.")
+def worker(embedded: bool) -> None:
+    """Run an inference worker (consumes the request topic)."""
+    with _maybe_embedded(embedded):
+        settings = _settings()
+        configure_logging(settings.log_level, settings.log_format)
+        from graphinfer.streams.runner import run_worker
+
+        try:
+            run_worker(settings)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--embedded", is_flag=True, help="Start the embedded broker and use a local PostgreSQL.")
+def gateway(embedded: bool) -> None:
+    """Run the HTTP gateway."""
+    with _maybe_embedded(embedded):
+        settings = _settings()
+        configure_logging(settings.log_level, settings.log_format)
+        from graphinfer.api.server import run_gateway
+
+        try:
+            run_gateway(settings)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--embedded", is_flag=True, help="Use a local PostgreSQL instead of GRAPHINFER_DATABASE_URL.")
+def migrate(embedded: bool) -> None:
+    """Apply pending database migrations and exit."""
+    with _maybe_embedded(embedded):
+        settings = _settings()
+        configure_logging(settings.log_level, settings.log_format)
+        from graphinfer.storage.db import Database
+
+        async def _migrate() -> None:
+            database = await Database.connect(settings.dsn, min_size=0, max_size=1)
+            await database.close()
+
+        try:
+            asyncio.run(_migrate())
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo("database schema is up to date")
+
+
+@main.command()
+@click.option(
+    "--repository", type=click.Path(path_type=Path), help="Model repository (default: the setting)."
+)
+@click.option("--window", default=8, show_default=True, help="Requests in flight at once.")
+@click.option("--cora-limit", type=int, default=None, help="Send only the first N Cora test nodes.")
+def demo(repository: Path | None, window: int, cora_limit: int | None) -> None:
+    """Run the main job on real data: embedded stack, worker, MUTAG and Cora requests."""
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    from graphinfer.demo import run_demo
+
+    try:
+        code = run_demo(settings, repository=repository, window=window, cora_limit=cora_limit)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.group()
+def models() -> None:
+    """Inspect, validate and train models."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """List the models in the repository and the feature extractors."""
+    settings = _settings()
+    configure_logging("WARNING", settings.log_format)
+    from graphinfer.models import features
+    from graphinfer.models.repository import scan
+
+    catalog = scan(
+        settings.model_repository,
+        model_paths=settings.model_paths,
+        trusted_sha256=settings.model_trusted_sha256,
+        pinned=settings.model_versions,
+    )
+    serving = {entry.ref for entry in catalog.serving()}
+    click.echo(f"models in {settings.model_repository}:")
+    for entry in sorted(catalog.entries(), key=lambda item: (item.name, item.version)):
+        manifest = entry.manifest
+        metrics = ", ".join(f"{name}={metric.value:.3f}" for name, metric in manifest.metrics.items())
+        marker = "*" if entry.ref in serving else " "
+        click.echo(
+            f" {marker} {entry.ref:<20} task={manifest.task:<5} features={manifest.features.name}"
+            f"@{manifest.features.version} {metrics}"
+        )
+    for refusal in catalog.refusals:
+        click.echo(f"   refused {refusal.path}: {refusal.reason}")
+    click.echo("(* serves requests that name the model without a version)")
+    click.echo("feature extractors:")
+    for extractor in features.describe():
+        click.echo(f"   {extractor['name']}@{extractor['version']} task={extractor['task']}")
+        for key in ("multigraph", "self_loops", "direction"):
+            if key in extractor:
+                click.echo(f"       {key}: {extractor[key]}")
+
+
+@models.command("validate")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def models_validate(path: Path) -> None:
+    """Check a model version directory: manifest, checksum and loading."""
+    settings = _settings()
+    from graphinfer.models.repository import ModelEntry, ModelRefused, load_estimator, read_manifest
+
+    try:
+        manifest = read_manifest(path)
+        load_estimator(ModelEntry(manifest, path), settings.model_trusted_sha256)
+    except ModelRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        json.dumps(
+            {
+                "model": manifest.name,
+                "version": manifest.version,
+                "task": manifest.task,
+                "sha256": manifest.sha256,
+                "valid": True,
+            }
+        )
+    )
+
+
+@models.command("train-demo")
+@click.option(
+    "--repository", type=click.Path(path_type=Path), help="Model repository (default: the setting)."
+)
+@click.option("--seed", default=0, show_default=True, help="Random seed of splits and models.")
+def models_train_demo(repository: Path | None, seed: int) -> None:
+    """Train the demo models (MUTAG graph classifier, Cora node classifier)."""
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    from graphinfer.models.training import train_demo
+
+    target = repository or settings.model_repository
+    manifests = train_demo(target, seed=seed, progress=click.echo)
+    for manifest in manifests:
+        metrics = ", ".join(
+            f"{name}={metric.value:.3f}" + (f"±{metric.std:.3f}" if metric.std is not None else "")
+            for name, metric in manifest.metrics.items()
+        )
+        click.echo(f"{manifest.name}@{manifest.version} ({manifest.task}): {metrics}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""PostgreSQL side of graphinfer: the connection pool, migrations and queries."""

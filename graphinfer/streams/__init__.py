@@ -1,0 +1,1 @@
+"""Kafka side of graphinfer: the Faust app, its topics and the inference agent."""
