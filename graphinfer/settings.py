@@ -51,6 +51,7 @@ class Settings(BaseSettings):
         extra="ignore",
         frozen=True,
         populate_by_name=True,
+        use_attribute_docstrings=True,
     )
 
     app_id: str = Field(default="graphinfer", pattern=r"^[A-Za-z0-9._-]{1,100}$")
@@ -74,16 +75,25 @@ class Settings(BaseSettings):
     create_topics: bool = True
     """Create missing topics at start with the configured partition counts (default true)."""
     request_topic: str = "graph-requests"
+    """Topic of online requests (default ``graph-requests``)."""
     replay_topic: str = "graph-requests.replay"
+    """Topic of replayed requests, read by a separate agent (default ``graph-requests.replay``)."""
     prediction_topic: str = "predictions"
+    """Topic every reply is written to (default ``predictions``)."""
     reply_topic: str = "graph-replies"
+    """Topic of replies routed to a gateway replica by partition (default ``graph-replies``)."""
     dead_letter_topic: str = "graph-requests.dlq"
+    """Topic of rejected messages with the reason in headers (default ``graph-requests.dlq``)."""
     request_partitions: int = Field(default=4, ge=1, le=10_000)
     """Partitions of the request topic when graphinfer creates it (default 4)."""
     replay_partitions: int = Field(default=4, ge=1, le=10_000)
+    """Partitions of the replay topic when graphinfer creates it (default 4)."""
     prediction_partitions: int = Field(default=4, ge=1, le=10_000)
+    """Partitions of the prediction topic when graphinfer creates it (default 4)."""
     reply_partitions: int = Field(default=4, ge=1, le=10_000)
+    """Partitions of the reply topic: the most gateway replicas that can wait for replies (default 4)."""
     dead_letter_partitions: int = Field(default=1, ge=1, le=10_000)
+    """Partitions of the dead-letter topic when graphinfer creates it (default 1)."""
     topic_replication_factor: int = Field(default=1, ge=1, le=16)
     """Replication factor of topics graphinfer creates (default 1)."""
 
@@ -93,8 +103,11 @@ class Settings(BaseSettings):
     )
     """PostgreSQL URL, ``postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE``. Required by worker and gateway."""
     database_pool_min_size: int = Field(default=1, ge=0, le=100)
+    """Connections each process keeps open (default 1)."""
     database_pool_max_size: int = Field(default=5, ge=1, le=100)
+    """Most connections each process opens (default 5)."""
     database_connect_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    """Seconds to wait for a connection at start-up (default 5)."""
 
     # --- Models --------------------------------------------------------------
     model_repository: Path = Path("model-repo")
@@ -143,14 +156,19 @@ class Settings(BaseSettings):
 
     # --- Gateway and operations ------------------------------------------------
     gateway_host: str = "127.0.0.1"
+    """Address the gateway listens on (default 127.0.0.1; 0.0.0.0 in containers)."""
     gateway_port: int = Field(default=8000, ge=0, le=65_535)
+    """Port the gateway listens on (default 8000)."""
     gateway_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """Seconds ``POST /v1/predict`` waits for the reply before answering 504 (default 30)."""
     api_keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
     """API key to tenant map, ``tenant=key`` pairs separated by commas; empty runs the gateway open."""
     worker_metrics_port: int = Field(default=0, ge=0, le=65_535)
     """Port of the worker's metrics endpoint; 0 picks a free one."""
     log_format: Literal["text", "json"] = "text"
+    """``text`` (default) or ``json`` lines."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level (default INFO)."""
 
     # --- validation ------------------------------------------------------------
 
