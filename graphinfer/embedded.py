@@ -99,7 +99,7 @@ def clean_stale(state_dir: Path = STATE_DIR) -> None:
             record_path.unlink(missing_ok=True)
             continue
         owner = int(record.get("owner", 0))
-        if owner and _pid_alive(owner) and owner != os.getpid():
+        if owner and _pid_alive(owner):
             continue
         if record.get("kind") == "broker":
             pid = int(record["pid"])
