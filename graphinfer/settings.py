@@ -122,10 +122,16 @@ class Settings(BaseSettings):
     """Comma-separated sha256 allow-list of artifacts; empty trusts every manifest's checksum."""
     default_models: Annotated[tuple[str, ...], NoDecode] = ()
     """Comma-separated models used when a request names neither models nor task."""
+    model_keep_previous: int = Field(default=1, ge=0, le=100)
+    """Versions before the newest that stay loaded, so ``name@version`` answers across a deploy (default 1)."""
+    model_reload_interval_s: float = Field(default=30.0, ge=0, le=86_400)
+    """Seconds between checks of the repository for new versions; 0 checks only on SIGHUP (default 30)."""
     model_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     """Seconds one model call may take before it is reported as ``model_timeout`` (default 10)."""
     pool_processes: int = Field(default_factory=lambda: max(1, len(os.sched_getaffinity(0))), ge=1, le=256)
     """Inference processes (default: the CPUs this process may use)."""
+    pool_memory_limit_mb: int = Field(default=4096, ge=0, le=1_048_576)
+    """Address-space cap of each inference process in MiB; 0 sets none (default 4096)."""
     batch_max_size: int = Field(default=64, ge=1, le=10_000)
     """Requests per worker batch (default 64)."""
     batch_max_wait_ms: int = Field(default=5, ge=0, le=60_000)

@@ -108,29 +108,22 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def worker_environment(
     services: Services, database_url: str, model_repository: Path, session_id: str
 ) -> dict[str, str]:
-    prefix = f"t{session_id}"
     environment = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("GRAPHINFER_", "DB_URL", "MODEL_PATHS"))
+        if not key.startswith(("GRAPHINFER_", "DB_URL", "MODEL_PATHS", "OFFLINE_TASK_SCHEDULE"))
     }
     environment.update(
         {
-            "GRAPHINFER_APP_ID": f"graphinfer-{prefix}",
             "GRAPHINFER_KAFKA_BOOTSTRAP_SERVERS": services.bootstrap_servers,
             "GRAPHINFER_DATABASE_URL": database_url,
             "GRAPHINFER_MODEL_REPOSITORY": str(model_repository),
-            "GRAPHINFER_REQUEST_TOPIC": f"{prefix}.graph-requests",
-            "GRAPHINFER_REPLAY_TOPIC": f"{prefix}.graph-requests.replay",
-            "GRAPHINFER_PREDICTION_TOPIC": f"{prefix}.predictions",
-            "GRAPHINFER_REPLY_TOPIC": f"{prefix}.graph-replies",
-            "GRAPHINFER_DEAD_LETTER_TOPIC": f"{prefix}.graph-requests.dlq",
             "GRAPHINFER_POOL_PROCESSES": "2",
             "GRAPHINFER_LOG_LEVEL": "INFO",
             "PYTHONPATH": str(ROOT),
         }
     )
-    return environment
+    return private_environment(environment, f"t{session_id}")
 
 
 @dataclass
@@ -155,24 +148,51 @@ def start_worker_process(environment: dict[str, str], log_path: Path) -> subproc
         )
 
 
-@pytest.fixture(scope="session")
-def worker(
-    worker_environment: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[WorkerProcess]:
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    process = start_worker_process(worker_environment, log_path)
-    deadline = time.monotonic() + 120
+def launch_worker(environment: dict[str, str], log_path: Path, timeout_s: float = 120) -> WorkerProcess:
+    """Start a worker process and wait until it has joined its consumer group."""
+    process = start_worker_process(environment, log_path)
+    deadline = time.monotonic() + timeout_s
     while "worker started" not in log_path.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"the worker did not start:\n{log_path.read_text(errors='replace')[-4000:]}")
         time.sleep(0.2)
-    yield WorkerProcess(process, log_path, worker_environment)
-    process.terminate()
+    return WorkerProcess(process, log_path, environment)
+
+
+def stop_worker(worker: WorkerProcess, timeout_s: float = 30) -> None:
+    worker.process.terminate()
     try:
-        process.wait(timeout=30)
+        worker.process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        process.kill()
+        worker.process.kill()
+        worker.process.wait(timeout=10)
+
+
+def private_environment(base: dict[str, str], prefix: str, **overrides: str) -> dict[str, str]:
+    """A worker environment with its own topics and consumer group."""
+    environment = dict(base)
+    environment.update(
+        {
+            "GRAPHINFER_APP_ID": f"graphinfer-{prefix}",
+            "GRAPHINFER_REQUEST_TOPIC": f"{prefix}.graph-requests",
+            "GRAPHINFER_REPLAY_TOPIC": f"{prefix}.graph-requests.replay",
+            "GRAPHINFER_PREDICTION_TOPIC": f"{prefix}.predictions",
+            "GRAPHINFER_REPLY_TOPIC": f"{prefix}.graph-replies",
+            "GRAPHINFER_DEAD_LETTER_TOPIC": f"{prefix}.graph-requests.dlq",
+        }
+    )
+    environment.update(overrides)
+    return environment
+
+
+@pytest.fixture(scope="session")
+def worker(
+    worker_environment: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    started = launch_worker(worker_environment, tmp_path_factory.mktemp("worker") / "worker.log")
+    yield started
+    stop_worker(started)
 
 
 @pytest.fixture(scope="session")

@@ -161,13 +161,97 @@ def _canonical_pair(source: Any, target: Any) -> tuple[Any, Any]:
 
 
 @dataclass
-class _Rows:
-    """Feature rows of one request for one model, and where they go back."""
+class FeatureRows:
+    """Feature rows of one request for one model, and the ids they score."""
 
-    position: int
     matrix: np.ndarray
     ids: list[Any]
     seconds: float
+
+
+def compute_features(manifest: Manifest, item: DecodedRequest) -> FeatureRows:
+    """Compute one model's feature rows for one request (memoised per graph)."""
+    started = time.perf_counter()
+    request, graph = item.request, item.graph
+    ids: list[Any]
+    if manifest.task == "node":
+        ids = node_targets(request, graph)
+        matrix = features.extract(manifest.features, graph, "node", ids)
+    elif manifest.task == "edge":
+        ids = edge_targets(request, graph)
+        matrix = features.extract(manifest.features, graph, "edge", ids)
+    else:
+        ids = []
+        matrix = features.extract(manifest.features, graph, "graph", None)
+    return FeatureRows(
+        matrix=np.ascontiguousarray(matrix, dtype=np.float64), ids=ids, seconds=time.perf_counter() - started
+    )
+
+
+def feature_error(manifest: Manifest, exc: Exception) -> dict[str, Any]:
+    ref = f"{manifest.name}@{manifest.version}"
+    if isinstance(exc, GraphinferError):
+        return error_result(manifest, exc.code, f"{ref}: {exc.message}")
+    return error_result(manifest, "model_failed", f"{ref} failed to compute features: {exc!r}")
+
+
+def predict_stacked(
+    estimator: Any, manifest: Manifest, matrices: Sequence[np.ndarray]
+) -> tuple[list[np.ndarray | str], float]:
+    """Call the model once on the stacked rows; on failure retry each request alone.
+
+    Returns, per input matrix, its probabilities or the error text, and the
+    seconds the stacked call took.
+    """
+    answers: list[np.ndarray | str] = [np.zeros((0, len(manifest.output.class_names)))] * len(matrices)
+    present = [position for position, matrix in enumerate(matrices) if matrix.shape[0] > 0]
+    if not present:
+        return answers, 0.0
+    started = time.perf_counter()
+    try:
+        stacked = _probabilities(estimator, np.vstack([matrices[position] for position in present]), manifest)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if len(present) == 1:
+            answers[present[0]] = f"raised {exc!r}"
+            return answers, time.perf_counter() - started
+        # The stacked call failed: retry one request at a time to find the culprit.
+        for position in present:
+            try:
+                answers[position] = _probabilities(estimator, matrices[position], manifest)
+            except MemoryError:
+                raise
+            except Exception as single:
+                answers[position] = f"raised {single!r}"
+        return answers, time.perf_counter() - started
+    offset = 0
+    for position in present:
+        count = matrices[position].shape[0]
+        answers[position] = stacked[offset : offset + count]
+        offset += count
+    return answers, time.perf_counter() - started
+
+
+def make_result(
+    manifest: Manifest, rows: FeatureRows, answer: np.ndarray | str, call_seconds: float
+) -> dict[str, Any]:
+    """Turn one request's probabilities (or error text) into a v1 model result."""
+    ref = f"{manifest.name}@{manifest.version}"
+    if isinstance(answer, str):
+        return error_result(manifest, "model_failed", f"{ref} {answer}")
+    if not np.all(np.isfinite(answer)):
+        return error_result(
+            manifest, "model_failed", f"{ref} returned a non-finite probability (NaN or Infinity)"
+        )
+    return {
+        "model": manifest.name,
+        "version": manifest.version,
+        "task": manifest.task,
+        "status": "ok",
+        "latency_ms": round((rows.seconds + call_seconds) * 1000.0, 3),
+        "output": format_output(manifest, rows.ids, np.clip(answer, 0.0, 1.0)),
+    }
 
 
 def run_batch(
@@ -176,7 +260,12 @@ def run_batch(
     estimators: Mapping[str, Any],
     manifests: Mapping[str, Manifest],
 ) -> list[list[dict[str, Any]]]:
-    """Run each request's models, one stacked call per model; return results per request."""
+    """Run each request's models in this process, one stacked call per model.
+
+    The worker runs the same stages split across pool processes
+    (:mod:`graphinfer.models.pool`); this in-process form serves training
+    code, benchmarks and tests.
+    """
     results: list[list[dict[str, Any]]] = [[] for _ in decoded]
     by_model: dict[str, list[int]] = {}
     for position, refs in enumerate(model_refs):
@@ -192,87 +281,16 @@ def run_batch(
                     error_result(manifest, "model_failed", f"{ref} is not loaded in the inference process")
                 )
             continue
-        rows = []
+        computed: list[tuple[int, FeatureRows]] = []
         for position in positions:
             try:
-                rows.append(_feature_rows(manifest, decoded[position]))
-            except GraphinferError as exc:
-                results[position].append(error_result(manifest, exc.code, f"{ref}: {exc.message}"))
+                computed.append((position, compute_features(manifest, decoded[position])))
             except Exception as exc:
-                results[position].append(
-                    error_result(manifest, "model_failed", f"{ref} failed to compute features: {exc!r}")
-                )
-            else:
-                rows[-1].position = position
-        for position, result in _predict(manifest, estimator, rows):
-            results[position].append(result)
+                results[position].append(feature_error(manifest, exc))
+        answers, call_seconds = predict_stacked(estimator, manifest, [rows.matrix for _, rows in computed])
+        for (position, rows), answer in zip(computed, answers, strict=True):
+            results[position].append(make_result(manifest, rows, answer, call_seconds))
     return results
-
-
-def _feature_rows(manifest: Manifest, item: DecodedRequest) -> _Rows:
-    started = time.perf_counter()
-    request, graph = item.request, item.graph
-    ids: list[Any]
-    if manifest.task == "node":
-        ids = node_targets(request, graph)
-        matrix = features.extract(manifest.features, graph, "node", ids)
-    elif manifest.task == "edge":
-        ids = edge_targets(request, graph)
-        matrix = features.extract(manifest.features, graph, "edge", ids)
-    else:
-        ids = []
-        matrix = features.extract(manifest.features, graph, "graph", None)
-    return _Rows(
-        position=-1,
-        matrix=np.asarray(matrix, dtype=np.float64),
-        ids=ids,
-        seconds=time.perf_counter() - started,
-    )
-
-
-def _predict(manifest: Manifest, estimator: Any, rows: list[_Rows]) -> list[tuple[int, dict[str, Any]]]:
-    if not rows:
-        return []
-    non_empty = [row for row in rows if row.matrix.shape[0] > 0]
-    answers: list[tuple[int, dict[str, Any]]] = [
-        (
-            row.position,
-            _ok_result(manifest, row, np.zeros((0, len(manifest.output.class_names))), row.seconds),
-        )
-        for row in rows
-        if row.matrix.shape[0] == 0
-    ]
-    if not non_empty:
-        return answers
-    started = time.perf_counter()
-    try:
-        probabilities = _probabilities(estimator, np.vstack([row.matrix for row in non_empty]), manifest)
-    except Exception:
-        if len(non_empty) == 1:
-            return [*answers, _predict_one(manifest, estimator, non_empty[0])]
-        # The stacked call failed: retry one request at a time to find the culprit.
-        return [*answers, *(_predict_one(manifest, estimator, row) for row in non_empty)]
-    call_seconds = time.perf_counter() - started
-    offset = 0
-    for row in non_empty:
-        count = row.matrix.shape[0]
-        part = probabilities[offset : offset + count]
-        offset += count
-        answers.append((row.position, _checked_result(manifest, row, part, row.seconds + call_seconds)))
-    return answers
-
-
-def _predict_one(manifest: Manifest, estimator: Any, row: _Rows) -> tuple[int, dict[str, Any]]:
-    started = time.perf_counter()
-    try:
-        probabilities = _probabilities(estimator, row.matrix, manifest)
-    except Exception as exc:
-        return row.position, error_result(
-            manifest, "model_failed", f"{manifest.name}@{manifest.version} raised {exc!r}"
-        )
-    return row.position, _checked_result(
-        manifest, row, probabilities, row.seconds + time.perf_counter() - started
-    )
 
 
 def _probabilities(estimator: Any, matrix: np.ndarray, manifest: Manifest) -> np.ndarray:
@@ -281,29 +299,6 @@ def _probabilities(estimator: Any, matrix: np.ndarray, manifest: Manifest) -> np
     if probabilities.shape != expected:
         raise ValueError(f"predict_proba returned shape {probabilities.shape}, expected {expected}")
     return probabilities
-
-
-def _checked_result(
-    manifest: Manifest, row: _Rows, probabilities: np.ndarray, seconds: float
-) -> dict[str, Any]:
-    if not np.all(np.isfinite(probabilities)):
-        return error_result(
-            manifest,
-            "model_failed",
-            f"{manifest.name}@{manifest.version} returned a non-finite probability (NaN or Infinity)",
-        )
-    return _ok_result(manifest, row, np.clip(probabilities, 0.0, 1.0), seconds)
-
-
-def _ok_result(manifest: Manifest, row: _Rows, probabilities: np.ndarray, seconds: float) -> dict[str, Any]:
-    return {
-        "model": manifest.name,
-        "version": manifest.version,
-        "task": manifest.task,
-        "status": "ok",
-        "latency_ms": round(seconds * 1000.0, 3),
-        "output": format_output(manifest, row.ids, probabilities),
-    }
 
 
 def format_output(manifest: Manifest, ids: Sequence[Any], probabilities: np.ndarray) -> dict[str, Any]:

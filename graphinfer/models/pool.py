@@ -1,10 +1,20 @@
-"""The process pool that runs feature extraction and models off the event loop.
+"""The inference processes: features and models run here, off the event loop.
 
-Each pool process loads every served model once, from bytes that passed the
-checksum checks, with BLAS limited to one thread so processes do not fight
-over cores. A call that exceeds its time budget, or a process that dies
-(for example out of memory), fails only the requests in that call: the pool
-is replaced and the worker goes on.
+Each process loads every served model once, from bytes that passed the
+checksum checks, limits BLAS to one thread and caps its address space. A
+batch runs in two stages:
+
+1. features: the requests are split across the processes, and each
+   computes, per request, the rows of every model it runs, so an extractor
+   runs once per graph and is shared by the models that ask for it;
+2. models: each model gets one call with its rows stacked, and different
+   models run in different processes at the same time.
+
+Every call has a time budget. A process that overruns it is killed and
+replaced, and only the results of that call fail (``model_timeout``); a
+process that runs out of memory or dies fails its call with
+``model_out_of_memory`` and is replaced the same way. The worker process
+itself is never at risk.
 """
 
 from __future__ import annotations
@@ -13,10 +23,12 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import resource
+import signal
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 from graphinfer.models import engine
@@ -32,6 +44,7 @@ _BLAS_THREAD_VARIABLES = (
     "MKL_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
 )
+_START_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -42,134 +55,337 @@ class Job:
     model_refs: tuple[str, ...]
 
 
-# State of a pool process, set once by _initialise.
-_estimators: dict[str, Any] = {}
-_manifests: dict[str, Manifest] = {}
-_limits = Limits()
+@dataclass(frozen=True)
+class PoolOptions:
+    processes: int
+    timeout_s: float
+    memory_limit_mb: int = 0
+    trusted_sha256: frozenset[str] = frozenset()
+    limits: Limits = field(default_factory=Limits)
 
 
-def _initialise(entries: Sequence[ModelEntry], trusted: frozenset[str], limits: Limits) -> None:
+class CallFailed(Exception):
+    """A pool call did not return: it timed out, ran out of memory or its process died."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+# --- the pool process ------------------------------------------------------------
+
+
+def _child_main(
+    connection: Connection, entries: Sequence[ModelEntry], options: PoolOptions
+) -> None:  # pragma: no cover - runs in the pool process
     from threadpoolctl import threadpool_limits
 
-    global _limits
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threadpool_limits(1)
-    _limits = limits
+    estimators: dict[str, Any] = {}
+    manifests = {entry.ref: entry.manifest for entry in entries}
+    refused: dict[str, str] = {}
     for entry in entries:
-        _manifests[entry.ref] = entry.manifest
         try:
-            _estimators[entry.ref] = load_estimator(entry, trusted)
+            estimators[entry.ref] = load_estimator(entry, options.trusted_sha256)
         except ModelRefused as exc:
-            logging.getLogger(__name__).error(
-                "model refused in pool process model=%s reason=%s", entry.ref, exc
+            refused[entry.ref] = str(exc)
+    if options.memory_limit_mb > 0:
+        limit = options.memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    connection.send(("ready", sorted(estimators), refused))
+
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            return
+        kind = message[0]
+        try:
+            if kind == "features":
+                reply: tuple[Any, ...] = ("ok", _features(message[1], manifests, options.limits))
+            elif kind == "predict":
+                reply = ("ok", _predict(message[1], message[2], estimators, manifests))
+            else:
+                reply = ("ok", None)
+        except MemoryError as exc:
+            connection.send(("oom", f"ran out of memory ({exc!r})"))
+            return
+        except Exception as exc:
+            reply = ("error", repr(exc))
+        connection.send(reply)
+
+
+def _features(
+    jobs: Sequence[Job], manifests: dict[str, Manifest], limits: Limits
+) -> list[dict[str, engine.FeatureRows | dict[str, Any]]]:
+    answers: list[dict[str, engine.FeatureRows | dict[str, Any]]] = []
+    for job in jobs:
+        decoded = decode_request(job.raw, limits, require_id=False)
+        rows: dict[str, engine.FeatureRows | dict[str, Any]] = {}
+        for ref in job.model_refs:
+            try:
+                rows[ref] = engine.compute_features(manifests[ref], decoded)
+            except MemoryError:
+                raise
+            except Exception as exc:
+                rows[ref] = engine.feature_error(manifests[ref], exc)
+        answers.append(rows)
+    return answers
+
+
+def _predict(
+    ref: str, matrices: Sequence[Any], estimators: dict[str, Any], manifests: dict[str, Manifest]
+) -> tuple[list[Any], float]:
+    estimator = estimators.get(ref)
+    if estimator is None:
+        return ["is not loaded in the inference process"] * len(matrices), 0.0
+    return engine.predict_stacked(estimator, manifests[ref], matrices)
+
+
+class PoolProcess:
+    """One inference process and the parent's end of its pipe."""
+
+    def __init__(self, entries: Sequence[ModelEntry], options: PoolOptions) -> None:
+        # spawn, not fork: the worker process runs the Kafka client's threads,
+        # and forking a process with threads can deadlock.
+        context = multiprocessing.get_context("spawn")
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(
+            target=_child_main,
+            args=(child_end, list(entries), options),
+            name="graphinfer-inference",
+            daemon=True,
+        )
+        self.process.start()
+        child_end.close()
+        self.loaded: list[str] = []
+        self.refused: dict[str, str] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def wait_ready(self) -> None:
+        if not self.connection.poll(_START_TIMEOUT_S):
+            raise CallFailed(
+                "model_failed", f"the inference process did not start within {_START_TIMEOUT_S:.0f} s"
             )
+        try:
+            _, self.loaded, self.refused = self.connection.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=5)
+            raise CallFailed(
+                "model_failed",
+                f"the inference process exited with code {self.process.exitcode} while starting",
+            ) from None
+
+    def round_trip(self, message: tuple[Any, ...]) -> Any:
+        try:
+            self.connection.send(message)
+            status, payload = self.connection.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            self.process.join(timeout=1)
+            code = self.process.exitcode
+            if code == -signal.SIGKILL:
+                raise CallFailed(
+                    "model_out_of_memory", "the inference process was killed (out of memory)"
+                ) from None
+            raise CallFailed("model_failed", f"the inference process died with exit code {code}") from None
+        if status == "oom":
+            raise CallFailed("model_out_of_memory", str(payload))
+        if status == "error":
+            raise CallFailed("model_failed", f"the inference process raised {payload}")
+        return payload
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.connection.close()
 
 
-def _run(jobs: Sequence[Job]) -> list[list[dict[str, Any]]]:
-    decoded = [decode_request(job.raw, _limits, require_id=False) for job in jobs]
-    return engine.run_batch(decoded, [job.model_refs for job in jobs], _estimators, _manifests)
+# --- the pool ----------------------------------------------------------------------
 
 
 class InferencePool:
-    """Runs batches of jobs in worker processes, with a time budget per call."""
+    """A fixed number of inference processes serving one set of model versions."""
 
-    def __init__(
-        self,
-        entries: Sequence[ModelEntry],
-        *,
-        processes: int,
-        timeout_s: float,
-        trusted_sha256: frozenset[str] = frozenset(),
-        limits: Limits | None = None,
-    ) -> None:
-        self._entries = list(entries)
-        self._manifests = {entry.ref: entry.manifest for entry in entries}
-        self._processes = processes
-        self._timeout_s = timeout_s
-        self._trusted = trusted_sha256
-        self._limits = limits or Limits()
-        self._executor: ProcessPoolExecutor | None = None
+    def __init__(self, entries: Sequence[ModelEntry], options: PoolOptions) -> None:
+        self.entries = list(entries)
+        self.manifests = {entry.ref: entry.manifest for entry in entries}
+        self.options = options
         self.restarts = 0
+        self.loaded: set[str] = set()
+        self._idle: asyncio.Queue[PoolProcess] = asyncio.Queue()
+        self._all: set[PoolProcess] = set()
+        self._io = ThreadPoolExecutor(
+            max_workers=options.processes * 2 + 2, thread_name_prefix="graphinfer-pool"
+        )
+        self._in_flight = 0
+        self._drained = asyncio.Event()
+        self._closed = False
 
-    def start(self) -> None:
+    async def start(self) -> set[str]:
+        """Start the processes and load the models; return the refs every process loaded."""
         for variable in _BLAS_THREAD_VARIABLES:
             os.environ.setdefault(variable, "1")
-        self._executor = ProcessPoolExecutor(
-            max_workers=self._processes,
-            # spawn, not fork: the worker process runs the Kafka client's
-            # threads, and forking a process with threads can deadlock.
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_initialise,
-            initargs=(self._entries, self._trusted, self._limits),
-        )
+        started = await asyncio.gather(*(self._spawn() for _ in range(self.options.processes)))
+        loaded = set.intersection(*(set(process.loaded) for process in started))
+        for process in started:
+            for ref, reason in process.refused.items():
+                logger.error("model refused in inference process model=%s reason=%s", ref, reason)
+        self.loaded = loaded
+        return loaded
 
-    async def warm_up(self) -> None:
-        """Start every pool process and load the models before traffic arrives."""
-        await asyncio.gather(*(self._submit([]) for _ in range(self._processes)))
+    async def _spawn(self) -> PoolProcess:
+        loop = asyncio.get_running_loop()
+        process = await loop.run_in_executor(self._io, PoolProcess, self.entries, self.options)
+        await loop.run_in_executor(self._io, process.wait_ready)
+        self._all.add(process)
+        self._idle.put_nowait(process)
+        return process
 
-    def stop(self) -> None:
-        if self._executor is not None:
-            self._kill()
+    async def _replace(self, process: PoolProcess) -> None:
+        self._all.discard(process)
+        await asyncio.get_running_loop().run_in_executor(self._io, process.kill)
+        self.restarts += 1
+        if self._closed:
+            return
+        try:
+            await self._spawn()
+        except CallFailed as exc:
+            logger.error("an inference process could not be restarted: %s", exc)
+
+    async def _call(self, message: tuple[Any, ...]) -> Any:
+        process = await self._idle.get()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._io, process.round_trip, message)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), timeout=self.options.timeout_s)
+        except TimeoutError:
+            # The thread still waiting on the pipe ends with an error once the
+            # process is killed; consume that error so it is not reported.
+            future.add_done_callback(lambda done: done.exception())
+            logger.warning(
+                "inference call timed out after %.1f s; replacing process pid=%s",
+                self.options.timeout_s,
+                process.pid,
+            )
+            await self._replace(process)
+            raise CallFailed(
+                "model_timeout", f"took longer than {self.options.timeout_s} s (GRAPHINFER_MODEL_TIMEOUT_S)"
+            ) from None
+        except CallFailed as exc:
+            if exc.code in ("model_out_of_memory",) or not process.process.is_alive():
+                logger.warning(
+                    "inference process failed; replacing pid=%s reason=%s", process.pid, exc.reason
+                )
+                await self._replace(process)
+            else:
+                self._idle.put_nowait(process)
+            raise
+        self._idle.put_nowait(process)
+        return result
 
     async def run(self, jobs: Sequence[Job]) -> list[list[dict[str, Any]]]:
-        """Run jobs split across the processes; return results per job, in order."""
+        """Run the jobs; return each job's results in the order of its model refs."""
         if not jobs:
             return []
-        chunks = _split(list(jobs), self._processes)
-        answers = await asyncio.gather(*(self._run_chunk(chunk) for chunk in chunks))
-        return [result for answer in answers for result in answer]
-
-    async def _run_chunk(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
+        self._in_flight += 1
+        self._drained.clear()
         try:
-            return await asyncio.wait_for(self._submit(jobs), timeout=self._timeout_s)
-        except TimeoutError:
-            logger.warning("inference call timed out after %.1f s; replacing the pool", self._timeout_s)
-            self._replace()
-            return self._failed(
-                jobs, "model_timeout", f"took longer than {self._timeout_s} s (GRAPHINFER_MODEL_TIMEOUT_S)"
-            )
-        except BrokenProcessPool:
-            logger.warning("an inference process died; replacing the pool")
-            self._replace()
-            return self._failed(
-                jobs,
-                "model_out_of_memory",
-                "the inference process died during the call (out of memory or killed)",
-            )
+            return await self._run(list(jobs))
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._drained.set()
 
-    def _submit(self, jobs: list[Job]) -> asyncio.Future[list[list[dict[str, Any]]]]:
-        if self._executor is None:
-            raise RuntimeError("InferencePool.start() was not called")
-        return asyncio.get_running_loop().run_in_executor(self._executor, _run, jobs)
+    async def _run(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
+        # 1. Features, the jobs split across the processes.
+        chunks = _split(list(range(len(jobs))), self.options.processes)
+        answers = await asyncio.gather(
+            *(self._call(("features", [jobs[index] for index in chunk])) for chunk in chunks),
+            return_exceptions=True,
+        )
+        rows: list[dict[str, Any]] = [{} for _ in jobs]
+        for chunk, answer in zip(chunks, answers, strict=True):
+            for offset, index in enumerate(chunk):
+                if isinstance(answer, CallFailed):
+                    rows[index] = {
+                        ref: engine.error_result(
+                            self.manifests[ref],
+                            answer.code,
+                            f"{ref} failed while computing features: {answer.reason}",
+                        )
+                        for ref in jobs[index].model_refs
+                    }
+                elif isinstance(answer, BaseException):
+                    raise answer
+                else:
+                    rows[index] = answer[offset]
 
-    def _failed(self, jobs: list[Job], code: str, reason: str) -> list[list[dict[str, Any]]]:
+        # 2. One stacked call per model, models in parallel.
+        by_model: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            for ref in job.model_refs:
+                if isinstance(rows[index][ref], engine.FeatureRows):
+                    by_model.setdefault(ref, []).append(index)
+        refs = list(by_model)
+        predictions = await asyncio.gather(
+            *(
+                self._call(("predict", ref, [rows[index][ref].matrix for index in by_model[ref]]))
+                for ref in refs
+            ),
+            return_exceptions=True,
+        )
+
+        # 3. Results in each job's model order.
+        results: dict[tuple[int, str], dict[str, Any]] = {}
+        for ref, prediction in zip(refs, predictions, strict=True):
+            manifest = self.manifests[ref]
+            for position, index in enumerate(by_model[ref]):
+                if isinstance(prediction, CallFailed):
+                    results[index, ref] = engine.error_result(
+                        manifest, prediction.code, f"{ref} {prediction.reason}"
+                    )
+                elif isinstance(prediction, BaseException):
+                    raise prediction
+                else:
+                    probabilities, seconds = prediction
+                    results[index, ref] = engine.make_result(
+                        manifest, rows[index][ref], probabilities[position], seconds
+                    )
         return [
-            [engine.error_result(self._manifests[ref], code, f"{ref} {reason}") for ref in job.model_refs]
-            for job in jobs
+            [results.get((index, ref)) or rows[index][ref] for ref in job.model_refs]
+            for index, job in enumerate(jobs)
         ]
 
-    def _replace(self) -> None:
-        self._kill()
-        self.restarts += 1
-        self.start()
+    async def close(self, drain_timeout_s: float = 60.0) -> None:
+        """Stop the processes once in-flight calls have finished (or the timeout passed)."""
+        self._closed = True
+        if self._in_flight:
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout=drain_timeout_s)
+            except TimeoutError:
+                logger.warning("closing the inference pool with %d batches still running", self._in_flight)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self._io, process.kill) for process in list(self._all)))
+        self._all.clear()
+        self._io.shutdown(wait=False, cancel_futures=True)
 
-    def _kill(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        # NOTE: ProcessPoolExecutor cannot cancel a running call, so a hung or
-        # runaway process is terminated directly before the executor shuts down.
-        for process in list(getattr(executor, "_processes", {}).values()):
-            if process.is_alive():
-                process.terminate()
-        executor.shutdown(wait=False, cancel_futures=True)
+    @property
+    def pids(self) -> list[int]:
+        return sorted(process.pid for process in self._all if process.pid is not None)
 
 
-def _split(jobs: list[Job], parts: int) -> list[list[Job]]:
-    parts = max(1, min(parts, len(jobs)))
-    size, extra = divmod(len(jobs), parts)
+def _split(indexes: list[int], parts: int) -> list[list[int]]:
+    parts = max(1, min(parts, len(indexes)))
+    size, extra = divmod(len(indexes), parts)
     chunks, start = [], 0
-    for index in range(parts):
-        end = start + size + (1 if index < extra else 0)
-        chunks.append(jobs[start:end])
+    for position in range(parts):
+        end = start + size + (1 if position < extra else 0)
+        chunks.append(indexes[start:end])
         start = end
     return chunks

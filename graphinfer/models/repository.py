@@ -74,14 +74,46 @@ class ModelCatalog:
     def __init__(self, entries: Iterable[ModelEntry], refusals: Iterable[Refusal] = ()) -> None:
         self._by_name: dict[str, dict[int, ModelEntry]] = {}
         self._serving: dict[str, int] = {}
+        self._pinned: dict[str, int] = {}
         for entry in entries:
             self._by_name.setdefault(entry.name, {})[entry.version] = entry
         self.refusals = tuple(refusals)
 
     def set_serving(self, pinned: Mapping[str, int]) -> None:
+        self._pinned = dict(pinned)
         for name, versions in self._by_name.items():
             pin = pinned.get(name)
+            if pin is not None and pin not in versions:
+                logger.warning(
+                    "pinned version not available, serving the newest model=%s pinned=%d serving=%d",
+                    name,
+                    pin,
+                    max(versions),
+                )
             self._serving[name] = pin if pin in versions else max(versions)
+
+    def retained(self, pinned: Mapping[str, int], keep_previous: int) -> ModelCatalog:
+        """Return a catalog of the pinned, the newest and ``keep_previous`` earlier versions."""
+        kept: list[ModelEntry] = []
+        for name, versions in self._by_name.items():
+            ordered = sorted(versions)
+            wanted = set(ordered[-(keep_previous + 1) :])
+            if pinned.get(name) in versions:
+                wanted.add(pinned[name])
+            kept.extend(versions[number] for number in sorted(wanted))
+        catalog = ModelCatalog(kept, self.refusals)
+        catalog.set_serving(pinned)
+        return catalog
+
+    def restricted(self, refs: set[str]) -> ModelCatalog:
+        """Return a catalog of only the given ``name@version`` refs (those the pool loaded)."""
+        catalog = ModelCatalog([entry for entry in self.entries() if entry.ref in refs], self.refusals)
+        catalog.set_serving(self._pinned)
+        return catalog
+
+    def fingerprint(self) -> frozenset[tuple[str, str]]:
+        """The served refs with their checksums; equal fingerprints need no reload."""
+        return frozenset((entry.ref, entry.manifest.sha256) for entry in self.entries())
 
     def serving(self) -> list[ModelEntry]:
         """The version of each model that serves unqualified names, sorted by name."""
@@ -130,9 +162,10 @@ def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise ModelRefused(
-            f"{path} is missing; every model directory needs a manifest.json beside its "
-            f"{ARTIFACT_NAME} (write one with the fields listed by `graphinfer models validate`, "
-            "or retrain with `graphinfer models train-demo` for the demo models)"
+            f"{path} is missing; every model version directory needs a manifest.json beside its "
+            f"{ARTIFACT_NAME}, with name, version, task, input, features, output, sha256 (of the "
+            "artifact's bytes), training, metrics, library_versions and created_at, as described under "
+            "'Model repository' in the README; check the directory with `graphinfer models validate DIR`"
         )
     try:
         manifest = Manifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
@@ -182,12 +215,15 @@ def scan(
     model_paths: Mapping[str, Path] | None = None,
     trusted_sha256: frozenset[str] = frozenset(),
     pinned: Mapping[str, int] | None = None,
+    keep_previous: int = 1,
 ) -> ModelCatalog:
-    """Find every servable model version and check its manifest and checksum.
+    """Find the servable model versions and check their manifests and checksums.
 
     Version directories are positive integers; anything else (a staging
     directory such as ``.staging-...``) is ignored, so a version appears
-    only once it has been renamed into place complete.
+    only once it has been renamed into place complete. Of each model, the
+    pinned version, the newest and ``keep_previous`` versions before the
+    newest are kept, so ``name@version`` keeps answering across a deploy.
     """
     entries: list[ModelEntry] = []
     refusals: list[Refusal] = []
@@ -205,6 +241,8 @@ def scan(
                     f"{directory / MANIFEST_NAME} says version {manifest.version}, but its directory "
                     f"is {directory.name}; the directory name must be the version"
                 )
+            _check_not_world_writable(directory)
+            check_library_versions(manifest, directory)
             entry = ModelEntry(manifest=manifest, directory=directory)
             read_verified_artifact(entry, trusted_sha256)
             entries.append(entry)
@@ -213,29 +251,66 @@ def scan(
             refusals.append(Refusal(directory, str(exc)))
 
     if repository.is_dir():
-        _check_not_world_writable(repository, refusals)
-        if not any(refusal.path == repository for refusal in refusals):
+        try:
+            _check_not_world_writable(repository)
+        except ModelRefused as exc:
+            logger.error("model repository refused path=%s reason=%s", repository, exc)
+            refusals.append(Refusal(repository, str(exc)))
+        else:
             for model_dir in sorted(repository.iterdir()):
                 if model_dir.name.startswith(".") or not model_dir.is_dir():
                     continue
-                for version_dir in sorted(model_dir.iterdir()):
-                    if version_dir.is_dir() and version_dir.name.isdigit() and int(version_dir.name) > 0:
-                        consider(version_dir, model_dir.name)
+                try:
+                    _check_not_world_writable(model_dir)
+                except ModelRefused as exc:
+                    logger.error("model refused path=%s reason=%s", model_dir, exc)
+                    refusals.append(Refusal(model_dir, str(exc)))
+                    continue
+                versions = [
+                    path
+                    for path in model_dir.iterdir()
+                    if path.is_dir() and path.name.isdigit() and int(path.name) > 0
+                ]
+                for version_dir in sorted(versions, key=lambda path: int(path.name)):
+                    consider(version_dir, model_dir.name)
     for name, path in (model_paths or {}).items():
         directory = path if path.is_dir() else path.parent
         consider(directory, name)
 
     catalog = ModelCatalog(entries, refusals)
     catalog.set_serving(pinned or {})
-    return catalog
+    return catalog.retained(pinned or {}, keep_previous)
 
 
-def _check_not_world_writable(repository: Path, refusals: list[Refusal]) -> None:
-    mode = os.stat(repository).st_mode
+def _check_not_world_writable(path: Path) -> None:
+    mode = os.stat(path).st_mode
     if mode & stat.S_IWOTH:
-        reason = (
-            f"{repository} is writable by every user (mode {stat.filemode(mode)}), so anyone could "
-            f"replace a model; run `chmod o-w {repository}`"
+        raise ModelRefused(
+            f"{path} is writable by every user (mode {stat.filemode(mode)}), so anyone could "
+            f"replace a model; run `chmod o-w {path}`"
         )
-        logger.error("model repository refused path=%s reason=%s", repository, reason)
-        refusals.append(Refusal(repository, reason))
+
+
+def check_library_versions(manifest: Manifest, directory: Path) -> None:
+    """Refuse a model trained with another major scikit-learn; warn on a minor difference."""
+    import sklearn
+
+    trained = manifest.library_versions.get("scikit-learn")
+    if trained is None:
+        return
+    installed = sklearn.__version__
+    trained_parts, installed_parts = trained.split("."), installed.split(".")
+    if trained_parts[0] != installed_parts[0]:
+        raise ModelRefused(
+            f"{directory / MANIFEST_NAME} was trained with scikit-learn {trained}, but {installed} is "
+            "installed; a major version change can unpickle into a different model, so retrain it "
+            f"with scikit-learn {installed_parts[0]}.x"
+        )
+    if trained_parts[:2] != installed_parts[:2]:
+        logger.warning(
+            "model trained with another scikit-learn minor version model=%s version=%d trained=%s installed=%s",
+            manifest.name,
+            manifest.version,
+            trained,
+            installed,
+        )

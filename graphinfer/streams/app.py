@@ -10,21 +10,25 @@ redelivers it to whichever worker owns the partition next.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 from typing import Any, cast
 
+import asyncpg
 import faust
 from faust.types import TP
 
 from graphinfer.models.decode import Limits
-from graphinfer.models.pool import InferencePool
+from graphinfer.models.pool import InferencePool, PoolOptions
 from graphinfer.models.repository import ModelCatalog, scan
 from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
 from graphinfer.streams.driver import effective_fetch_max_wait_ms, transport_class
-from graphinfer.streams.processor import BatchProcessor, Message, Topics
+from graphinfer.streams.processor import BatchProcessor, Message, ServedModels, Topics
 
 logger = logging.getLogger(__name__)
 
@@ -43,75 +47,69 @@ def worker_name(settings: Settings) -> str:
 
 
 class WorkerRuntime:
-    """What the agent needs besides Faust: the models, the pool and the database."""
+    """What the agent needs besides Faust: the models, the pool and the database.
+
+    Models reload on ``GRAPHINFER_MODEL_RELOAD_INTERVAL_S`` and on SIGHUP: the
+    repository is scanned off the event loop, a new pool loads the new set,
+    and the processor switches to it in one assignment. Batches already
+    running finish on the pool they started with, which then closes. A
+    version that fails its checks or does not load is left out, so the
+    version before it keeps serving.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.name = worker_name(settings)
-        self.catalog: ModelCatalog | None = None
-        self.pool: InferencePool | None = None
         self.database: Database | None = None
         self.processor: BatchProcessor | None = None
+        self.models: ServedModels | None = None
+        self._reload_requested = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self, app: GraphinferApp) -> None:
+    def _pool_options(self) -> PoolOptions:
         settings = self.settings
-        self.catalog = scan(
+        return PoolOptions(
+            processes=settings.pool_processes,
+            timeout_s=settings.model_timeout_s,
+            memory_limit_mb=settings.pool_memory_limit_mb,
+            trusted_sha256=settings.model_trusted_sha256,
+            limits=limits_from(settings),
+        )
+
+    def _scan(self) -> ModelCatalog:
+        settings = self.settings
+        return scan(
             settings.model_repository,
             model_paths=settings.model_paths,
             trusted_sha256=settings.model_trusted_sha256,
             pinned=settings.model_versions,
+            keep_previous=settings.model_keep_previous,
         )
-        if not len(self.catalog):
-            logger.warning(
-                "no model is served: %s holds no valid model (GRAPHINFER_MODEL_REPOSITORY); every "
-                "request will be answered no_model_selected",
-                settings.model_repository,
-            )
-        for entry in self.catalog.serving():
-            logger.info(
-                "model serving model=%s version=%d sha256=%s",
-                entry.name,
-                entry.version,
-                entry.manifest.sha256[:12],
-            )
 
+    async def _load(self, catalog: ModelCatalog) -> ServedModels:
+        pool = InferencePool(catalog.entries(), self._pool_options())
+        loaded = await pool.start()
+        return ServedModels(catalog=catalog.restricted(loaded), pool=pool)
+
+    async def start(self, app: GraphinferApp) -> None:
+        settings = self.settings
         self.database = await Database.connect(
             settings.dsn,
             min_size=settings.database_pool_min_size,
             max_size=settings.database_pool_max_size,
             timeout_s=settings.database_connect_timeout_s,
         )
-        serving = {entry.ref for entry in self.catalog.serving()}
-        await self.database.record_deployments(
-            self.name,
-            [
-                {
-                    "model": entry.name,
-                    "version": entry.version,
-                    "sha256": entry.manifest.sha256,
-                    "task": entry.manifest.task,
-                    "manifest": entry.manifest.model_dump(mode="json"),
-                    "serving": entry.ref in serving,
-                }
-                for entry in self.catalog.entries()
-            ],
+        self.models = await self._load(await asyncio.to_thread(self._scan))
+        self._log_serving(None, self.models.catalog)
+        await self._record_deployments()
+        logger.info(
+            "inference pool ready processes=%d pids=%s", settings.pool_processes, self.models.pool.pids
         )
-
-        self.pool = InferencePool(
-            self.catalog.entries(),
-            processes=settings.pool_processes,
-            timeout_s=settings.model_timeout_s,
-            trusted_sha256=settings.model_trusted_sha256,
-            limits=limits_from(settings),
-        )
-        self.pool.start()
-        await self.pool.warm_up()
-        logger.info("inference pool ready processes=%d", settings.pool_processes)
 
         self.processor = BatchProcessor(
             database=self.database,
-            pool=self.pool,
-            catalog=self.catalog,
+            models=self.models,
             send=app.send_raw,
             topics=Topics(
                 requests=settings.request_topic,
@@ -123,10 +121,93 @@ class WorkerRuntime:
             limits=limits_from(settings),
             default_models=settings.default_models,
         )
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+        self._tasks = [
+            asyncio.create_task(self._reload_loop(), name="graphinfer-model-reload"),
+            asyncio.create_task(self._heartbeat_loop(), name="graphinfer-deployment-heartbeat"),
+        ]
+
+    async def reload(self) -> bool:
+        """Scan the repository and switch to a new pool when the models changed; return whether it did."""
+        async with self._reload_lock:
+            assert self.models is not None and self.processor is not None
+            try:
+                catalog = await asyncio.to_thread(self._scan)
+            except OSError as exc:
+                logger.error("model reload failed, keeping the loaded models error=%r", exc)
+                return False
+            if catalog.fingerprint() == self.models.catalog.fingerprint():
+                return False
+            new = await self._load(catalog)
+            old, self.models = self.models, new
+            # One assignment: a batch reads processor.models once, at its start.
+            self.processor.models = new
+            self._log_serving(old.catalog, new.catalog)
+            await self._record_deployments()
+            await old.pool.close()
+            return True
+
+    async def _reload_loop(self) -> None:
+        interval = self.settings.model_reload_interval_s or None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload_requested.wait(), timeout=interval)
+            self._reload_requested.clear()
+            try:
+                await self.reload()
+            except Exception:
+                logger.exception("model reload failed, keeping the loaded models")
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            assert self.database is not None
+            try:
+                await self.database.heartbeat_deployments(self.name)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.warning("deployment heartbeat failed error=%r", exc)
+
+    async def _record_deployments(self) -> None:
+        assert self.database is not None and self.models is not None
+        catalog = self.models.catalog
+        serving = {entry.ref for entry in catalog.serving()}
+        await self.database.record_deployments(
+            self.name,
+            [
+                {
+                    "model": entry.name,
+                    "version": entry.version,
+                    "sha256": entry.manifest.sha256,
+                    "task": entry.manifest.task,
+                    "manifest": entry.manifest.model_dump(mode="json"),
+                    "serving": entry.ref in serving,
+                }
+                for entry in catalog.entries()
+            ],
+        )
+
+    def _log_serving(self, old: ModelCatalog | None, new: ModelCatalog) -> None:
+        if not len(new):
+            logger.warning(
+                "no model is served: %s holds no valid model (GRAPHINFER_MODEL_REPOSITORY); every "
+                "request will be answered no_model_selected",
+                self.settings.model_repository,
+            )
+        before = {entry.ref for entry in old.entries()} if old is not None else set()
+        after = {entry.ref for entry in new.entries()}
+        serving = {entry.ref for entry in new.serving()}
+        for ref in sorted(after - before):
+            logger.info("model loaded model=%s serving=%s", ref, ref in serving)
+        for ref in sorted(before - after):
+            logger.info("model unloaded model=%s", ref)
 
     async def stop(self) -> None:
-        if self.pool is not None:
-            self.pool.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.models is not None:
+            await self.models.pool.close()
         if self.database is not None:
             await self.database.close()
 

@@ -61,6 +61,14 @@ class Message:
 
 
 @dataclass(frozen=True)
+class ServedModels:
+    """The model versions a worker serves and the pool that has them loaded."""
+
+    catalog: ModelCatalog
+    pool: InferencePool
+
+
+@dataclass(frozen=True)
 class Topics:
     requests: str
     replay: str
@@ -93,8 +101,7 @@ class BatchProcessor:
         self,
         *,
         database: Database,
-        pool: InferencePool,
-        catalog: ModelCatalog,
+        models: ServedModels,
         send: Send,
         topics: Topics,
         limits: Limits,
@@ -102,8 +109,8 @@ class BatchProcessor:
         retry_max_delay_s: float = 30.0,
     ) -> None:
         self.database = database
-        self.pool = pool
-        self.catalog = catalog
+        # Replaced as a whole on a model reload; a batch keeps the one it started with.
+        self.models = models
         self.send = send
         self.topics = topics
         self.limits = limits
@@ -113,6 +120,7 @@ class BatchProcessor:
     async def process(self, messages: Sequence[Message]) -> None:
         """Handle one batch; return only when its outcomes are stored and its replies delivered."""
         now = datetime.now(UTC)
+        models = self.models
         items = [_Item(message=message, received_at=now) for message in messages]
 
         # 1. Decode and validate every message.
@@ -126,10 +134,10 @@ class BatchProcessor:
         # 3. Select models, expire late requests.
         for item in items:
             if item.decoded is not None and item.rejection is None and item.stored_reply is None:
-                self._select(item)
+                self._select(item, models.catalog)
 
         # 4. Run the models off the event loop.
-        await self._infer(items)
+        await self._infer(items, models.pool)
 
         # 5. Build the replies, then store everything in one transaction.
         for item in items:
@@ -185,25 +193,25 @@ class BatchProcessor:
             elif previous.status in TERMINAL and previous.reply is not None:
                 item.stored_reply = previous.reply
 
-    def _select(self, item: _Item) -> None:
+    def _select(self, item: _Item, catalog: ModelCatalog) -> None:
         assert item.decoded is not None
         request = item.decoded.request
         if request.deadline is not None and request.deadline <= item.received_at:
             item.expired = True
             return
         try:
-            item.selection = select_models(request, item.decoded.graph, self.catalog, self.default_models)
+            item.selection = select_models(request, item.decoded.graph, catalog, self.default_models)
         except GraphinferError as exc:
             item.rejection = exc
 
-    async def _infer(self, items: list[_Item]) -> None:
+    async def _infer(self, items: list[_Item], pool: InferencePool) -> None:
         runnable = [item for item in items if item.selection is not None and item.selection.run]
         jobs = [
             Job(raw=item.message.value or b"", model_refs=tuple(entry.ref for entry in item.selection.run))
             for item in runnable
             if item.selection is not None
         ]
-        answers = await self.pool.run(jobs)
+        answers = await pool.run(jobs)
         for item, results in zip(runnable, answers, strict=True):
             item.results = results
 
