@@ -122,6 +122,25 @@ def demo(repository: Path | None, window: int, cora_limit: int | None) -> None:
     sys.exit(code)
 
 
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--timeout", "timeout_s", default=60.0, show_default=True, help="Seconds to wait for all replies."
+)
+def send(path: Path, timeout_s: float) -> None:
+    """Publish the requests in a JSON or JSON Lines file and print each reply."""
+    settings = _settings()
+    configure_logging("WARNING", settings.log_format)
+    from graphinfer.client import send_file
+
+    try:
+        missing = asyncio.run(send_file(settings, path, timeout_s=timeout_s, echo=click.echo))
+    except (ConfigurationError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if missing:
+        raise click.ClickException(f"{missing} requests got no reply within {timeout_s} s")
+
+
 @main.group()
 def models() -> None:
     """Inspect, validate and train models."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import asyncpg
@@ -166,3 +168,26 @@ def test_worker_embedded_stops_broker_on_ctrl_c(
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         pass
     assert "embedded broker stopped" in log_path.read_text()
+
+
+def test_send_prints_replies(worker, tmp_path: Path) -> None:
+    from graphinfer.models import datasets
+
+    record = datasets.load_mutag()[0]
+    path = tmp_path / "requests.jsonl"
+    lines = [json.dumps(datasets.mutag_request(record, f"send-{uuid.uuid4().hex[:8]}-{index}")) for index in range(3)]
+    path.write_text("\n".join(lines) + "\n")
+    result = run_cli("send", str(path), environment=worker.environment, timeout=120)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    replies = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(reply["request_id"] for reply in replies) == sorted(json.loads(line)["request_id"] for line in lines)
+    assert {reply["status"] for reply in replies} == {"ok"}
+
+
+def test_send_names_bad_line(worker, tmp_path: Path) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"graph": {"nodes": []}}\n{not json\n')
+    result = run_cli("send", str(path), environment=worker.environment)
+    assert result.returncode != 0
+    assert f"{path}:2" in result.stderr
