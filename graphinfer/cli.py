@@ -59,7 +59,7 @@ def worker(embedded: bool) -> None:
     """Run an inference worker (consumes the request topic)."""
     with _maybe_embedded(embedded):
         settings = _settings()
-        configure_logging(settings.log_level, settings.log_format)
+        configure_logging(settings.log_level, settings.log_format, settings.secret_values())
         from graphinfer.streams.runner import run_worker
 
         try:
@@ -74,7 +74,7 @@ def gateway(embedded: bool) -> None:
     """Run the HTTP gateway."""
     with _maybe_embedded(embedded):
         settings = _settings()
-        configure_logging(settings.log_level, settings.log_format)
+        configure_logging(settings.log_level, settings.log_format, settings.secret_values())
         from graphinfer.api.server import run_gateway
 
         try:
@@ -89,7 +89,7 @@ def migrate(embedded: bool) -> None:
     """Apply pending database migrations and exit."""
     with _maybe_embedded(embedded):
         settings = _settings()
-        configure_logging(settings.log_level, settings.log_format)
+        configure_logging(settings.log_level, settings.log_format, settings.secret_values())
         from graphinfer.storage.db import Database
 
         async def _migrate() -> None:
@@ -112,7 +112,7 @@ def migrate(embedded: bool) -> None:
 def demo(repository: Path | None, window: int, cora_limit: int | None) -> None:
     """Run the main job on real data: embedded stack, worker, MUTAG and Cora requests."""
     settings = _settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     from graphinfer.demo import run_demo
 
     try:
@@ -130,7 +130,7 @@ def demo(repository: Path | None, window: int, cora_limit: int | None) -> None:
 def send(path: Path, timeout_s: float) -> None:
     """Publish the requests in a JSON or JSON Lines file and print each reply."""
     settings = _settings()
-    configure_logging("WARNING", settings.log_format)
+    configure_logging("WARNING", settings.log_format, settings.secret_values())
     from graphinfer.client import send_file
 
     try:
@@ -150,7 +150,7 @@ def models() -> None:
 def models_list() -> None:
     """List the models in the repository and the feature extractors."""
     settings = _settings()
-    configure_logging("WARNING", settings.log_format)
+    configure_logging("WARNING", settings.log_format, settings.secret_values())
     from graphinfer.models import features
     from graphinfer.models.repository import scan
 
@@ -214,7 +214,7 @@ def models_validate(path: Path) -> None:
 def models_train_demo(repository: Path | None, seed: int) -> None:
     """Train the demo models (MUTAG graph classifier, Cora node classifier)."""
     settings = _settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     from graphinfer.models.training import train_demo
 
     target = repository or settings.model_repository

@@ -323,6 +323,17 @@ class Settings(BaseSettings):
             options["ssl_context"] = create_ssl_context()
         return options
 
+    def secret_values(self) -> list[str]:
+        """Return the configured secrets, so logs can mask them."""
+        values = [key.get_secret_value() for key in self.api_keys.values()]
+        if self.kafka_sasl_password is not None:
+            values.append(self.kafka_sasl_password.get_secret_value())
+        if self.database_url is not None:
+            password = urlsplit(self.database_url.get_secret_value()).password
+            if password:
+                values.append(password)
+        return [value for value in values if value]
+
     def topic_partitions(self) -> dict[str, int]:
         return {
             self.request_topic: self.request_partitions,

@@ -175,13 +175,18 @@ def test_send_prints_replies(worker, tmp_path: Path) -> None:
 
     record = datasets.load_mutag()[0]
     path = tmp_path / "requests.jsonl"
-    lines = [json.dumps(datasets.mutag_request(record, f"send-{uuid.uuid4().hex[:8]}-{index}")) for index in range(3)]
+    lines = [
+        json.dumps(datasets.mutag_request(record, f"send-{uuid.uuid4().hex[:8]}-{index}"))
+        for index in range(3)
+    ]
     path.write_text("\n".join(lines) + "\n")
     result = run_cli("send", str(path), environment=worker.environment, timeout=120)
 
     assert result.returncode == 0, result.stderr[-2000:]
     replies = [json.loads(line) for line in result.stdout.splitlines()]
-    assert sorted(reply["request_id"] for reply in replies) == sorted(json.loads(line)["request_id"] for line in lines)
+    assert sorted(reply["request_id"] for reply in replies) == sorted(
+        json.loads(line)["request_id"] for line in lines
+    )
     assert {reply["status"] for reply in replies} == {"ok"}
 
 
