@@ -154,6 +154,11 @@ def models_list() -> None:
     from graphinfer.models import features
     from graphinfer.models.repository import scan
 
+    if not settings.model_repository.is_dir() and not settings.model_paths:
+        raise click.ClickException(
+            f"the model repository {settings.model_repository} does not exist (GRAPHINFER_MODEL_REPOSITORY); "
+            "set the setting, or create one with `graphinfer models train-demo`"
+        )
     catalog = scan(
         settings.model_repository,
         model_paths=settings.model_paths,

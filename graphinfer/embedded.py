@@ -168,6 +168,10 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                # Its own session: Ctrl-C in a terminal signals the whole
+                # foreground group, and the broker must outlive the worker's
+                # graceful stop. graphinfer stops it afterwards.
+                start_new_session=True,
             )
         self.record_path = _record("broker", pid=self.process.pid, binary=binary, port=self.port)
         wait_for_port(self.port, timeout_s, self.process)

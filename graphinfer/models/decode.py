@@ -89,7 +89,8 @@ def parse_json(raw: bytes) -> Any:
         ) from None
     except json.JSONDecodeError as exc:
         raise RequestRejected(
-            f"the message is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            f"the message is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; "
+            "send one JSON object (RFC 8259) encoded as UTF-8",
             code="invalid_json",
             details=[ErrorDetail("body", f"line {exc.lineno} column {exc.colno}", "JSON (RFC 8259)")],
         ) from None
@@ -259,11 +260,24 @@ def _rejection_from(exc: ValidationError) -> RequestRejected:
     same_place = [error for error in errors if _location(error["loc"]) == location]
     if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
         message = f"unknown field {location!r}; remove it (v1 requests allow only the documented fields)"
+    elif location == "request_id" and first["type"] == "string_pattern_mismatch":
+        value = first.get("input")
+        bad = sorted({char for char in str(value) if not re.match(r"[A-Za-z0-9._:-]", char)})
+        problem = (
+            f"contains {', '.join(repr(char) for char in bad)}"
+            if bad
+            else f"has {len(str(value))} characters"
+        )
+        message = f"request_id {value!r} {problem}; use 1-128 characters from letters, digits and . _ : -"
+    elif first["type"] == "model_type":
+        expected = "an object"
+        message = f"{location or 'request'} is a JSON {_json_type(first.get('input'))}; send {expected}"
     elif _is_node_id(location) and {error["type"] for error in same_place} <= _ID_TYPE_ERRORS:
         message = (
             f"{location} is {first.get('input')!r}; node ids must be strings or integers "
             "(not booleans, floats or null)"
         )
+        first = {**first, "msg": "a string or an integer"}
         errors = [first] + [error for error in errors if _location(error["loc"]) != location]
     else:
         message = f"{location or 'request'}: {first['msg'].removeprefix('Value error, ')}"
@@ -273,9 +287,7 @@ def _rejection_from(exc: ValidationError) -> RequestRejected:
     if len(errors) > 1:
         message += f"; {len(errors) - 1} more problem(s) listed in details"
     details = [
-        ErrorDetail(
-            _location(error["loc"]), _short(error.get("input")), error["msg"].removeprefix("Value error, ")
-        )
+        ErrorDetail(_location(error["loc"]), _short(error.get("input")), _limit_text(error))
         for error in errors[:20]
     ]
     return RequestRejected(message, code=code, details=details)
@@ -299,6 +311,26 @@ def _location(loc: tuple[Any, ...]) -> str:
         else:
             parts.append(("." if parts else "") + str(item))
     return "".join(parts)
+
+
+def _limit_text(error: Any) -> str:
+    if error["type"] == "model_type":
+        return "an object"
+    if error["type"] == "string_pattern_mismatch" and _location(error["loc"]) == "request_id":
+        return "1-128 characters from [A-Za-z0-9._:-]"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _json_type(value: Any) -> str:
+    names = {
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }
+    return names.get(type(value), type(value).__name__)
 
 
 def _short(value: Any) -> Any:

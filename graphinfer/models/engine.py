@@ -59,8 +59,10 @@ def misfit_reason(manifest: Manifest, graph: GraphInput, task: str | None) -> st
                 f"reads node attribute {attribute!r}, which {len(missing)} of this graph's nodes lack "
                 f"(first: {missing[0]!r})"
             )
-    if manifest.task == "node" and graph.number_of_nodes == 0:
-        return "scores nodes, but this graph has none"
+    if graph.number_of_nodes == 0 and (
+        manifest.task == "node" or signature.node_attributes or signature.feature_dim
+    ):
+        return "reads nodes, but this graph has none"
     return None
 
 
@@ -117,14 +119,43 @@ def select_models(
                 }
             )
     if not selection.run:
-        considered = ", ".join(entry.ref for entry in candidates) or "none"
-        raise GraphinferError(
-            f"no model can answer this request: {origin} gave {considered}, and the graph fits none; "
-            "name models explicitly, set task, or send a graph that fits a model's input signature",
-            code="no_model_selected",
-            details=[ErrorDetail("models", considered, "a model whose input signature fits the graph")],
+        raise NoModelSelected(
+            _no_model_message(origin, request.task, candidates, selection, catalog), selection.skipped
         )
     return selection
+
+
+class NoModelSelected(GraphinferError):
+    """No served model fits the request; ``skipped`` says why each candidate was left out."""
+
+    code = "no_model_selected"
+
+    def __init__(self, message: str, skipped: list[dict[str, Any]]) -> None:
+        super().__init__(
+            message,
+            details=[
+                ErrorDetail(f"models[{item['model']}@{item['version']}]", item["message"]) for item in skipped
+            ],
+        )
+        self.skipped = skipped
+
+
+def _no_model_message(
+    origin: str, task: str | None, candidates: list[ModelEntry], selection: Selection, catalog: ModelCatalog
+) -> str:
+    if not candidates:
+        served = sorted({f"{entry.ref} ({entry.manifest.task})" for entry in catalog.serving()})
+        if task is not None:
+            return (
+                f"no served model handles task {task!r} (served: {', '.join(served) or 'none'}); "
+                "send a task a served model handles, or deploy a model for this task"
+            )
+        return "no model is served; deploy a model into GRAPHINFER_MODEL_REPOSITORY"
+    reasons = "; ".join(f"{item['model']}@{item['version']} {item['message']}" for item in selection.skipped)
+    return (
+        f"the graph fits none of the models selected by {origin}: {reasons}; change the graph "
+        "to fit one of them, or name models explicitly"
+    )
 
 
 def error_result(manifest: Manifest, code: str, message: str, *, field: str | None = None) -> dict[str, Any]:

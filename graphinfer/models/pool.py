@@ -20,6 +20,8 @@ itself is never at risk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -45,6 +47,7 @@ _BLAS_THREAD_VARIABLES = (
     "VECLIB_MAXIMUM_THREADS",
 )
 _START_TIMEOUT_S = 120.0
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ def _child_main(
 ) -> None:  # pragma: no cover - runs in the pool process
     from threadpoolctl import threadpool_limits
 
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threadpool_limits(1)
     estimators: dict[str, Any] = {}
@@ -115,6 +119,16 @@ def _child_main(
         except Exception as exc:
             reply = ("error", repr(exc))
         connection.send(reply)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the pool process
+    # Linux only: the kernel kills this process when the worker dies, even by
+    # SIGKILL, so no inference process outlives its worker.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the worker died before the line above took effect
 
 
 def _features(

@@ -24,6 +24,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -83,13 +84,31 @@ class Node(BaseModel):
     id: NodeId
     features: list[Number] | SparseFeatures | None = None
 
-    @field_validator("features")
+    @field_validator("features", mode="before")
     @classmethod
-    def _check_dense_finite(cls, value: Any) -> Any:
+    def _check_features(cls, value: Any) -> Any:
+        # Decided by the JSON type, so an error names the form that was sent
+        # instead of listing why the value fits neither form.
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            try:
+                return SparseFeatures.model_validate(value)
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(part) for part in first["loc"])
+                message = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"sparse features{' ' + where if where else ''}: {message}") from None
         if isinstance(value, list):
-            for item in value:
+            for position, item in enumerate(value):
+                if isinstance(item, bool) or not isinstance(item, int | float):
+                    raise ValueError(f"dense features hold numbers; item {position} is {item!r}")
                 _finite(float(item), "every feature value")
-        return value
+            return value
+        raise ValueError(
+            f"features is a {type(value).__name__}; send a list of numbers or "
+            '{"indices": [...], "values": [...], "dim": N}'
+        )
 
     @model_validator(mode="after")
     def _check_attributes(self) -> Node:

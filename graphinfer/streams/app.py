@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import socket
+import tempfile
+from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
@@ -209,6 +211,10 @@ class WorkerRuntime:
         if self.models is not None:
             await self.models.pool.close()
         if self.database is not None:
+            try:
+                await self.database.record_deployments(self.name, [])
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.warning("could not remove this worker's model_deployments rows error=%r", exc)
             await self.database.close()
 
 
@@ -268,6 +274,8 @@ def create_app(settings: Settings) -> GraphinferApp:
             mechanism=settings.kafka_sasl_mechanism,
             ssl_context=settings.kafka_client_options().get("ssl_context"),
         )
+    faust_root = Path(tempfile.gettempdir()) / "graphinfer-faust"
+    faust_root.mkdir(exist_ok=True)
     app = GraphinferApp(
         settings,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers],
@@ -285,6 +293,9 @@ def create_app(settings: Settings) -> GraphinferApp:
         producer_max_request_size=max(1_048_576, settings.max_message_bytes + 65_536),
         stream_buffer_maxsize=max(4096, settings.batch_max_size * 4),
         store="memory://",
+        # Faust creates its data directory at start; graphinfer keeps no state
+        # there (no tables), so it goes to the temporary directory, not the cwd.
+        datadir=str(faust_root / "{conf.name}-data"),
     )
     request_topic = app.topic(settings.request_topic, key_serializer="raw", value_serializer="raw")
     batch_wait_s = settings.batch_max_wait_ms / 1000.0 or 0.001

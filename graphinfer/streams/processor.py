@@ -234,6 +234,7 @@ class BatchProcessor:
         if item.rejection is not None:
             reply["status"] = "rejected"
             reply["error"] = item.rejection.to_dict()
+            reply["skipped"] = list(getattr(item.rejection, "skipped", []))
         elif item.expired:
             assert item.decoded is not None and item.decoded.request.deadline is not None
             deadline = item.decoded.request.deadline.isoformat()

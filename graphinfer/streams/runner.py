@@ -18,12 +18,12 @@ async def preflight(settings: Settings) -> None:
     Creates the topics and applies migrations, so the worker starts on a
     ready cluster.
     """
-    counts = await ensure_topics(settings)
-    logger.info("topics ready %s", " ".join(f"{topic}={count}" for topic, count in sorted(counts.items())))
     database = await Database.connect(
         settings.dsn, min_size=0, max_size=1, timeout_s=settings.database_connect_timeout_s
     )
     await database.close()
+    counts = await ensure_topics(settings)
+    logger.info("topics ready %s", " ".join(f"{topic}={count}" for topic, count in sorted(counts.items())))
 
 
 def run_worker(settings: Settings) -> None:
@@ -43,4 +43,6 @@ def run_worker(settings: Settings) -> None:
         redirect_stdouts=False,
         override_logging=False,
     )
+    # The start-up spinner writes terminal control codes, also into log files.
+    worker.spinner = None
     worker.execute_from_commandline()
