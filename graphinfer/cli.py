@@ -141,6 +141,29 @@ def send(path: Path, timeout_s: float) -> None:
         raise click.ClickException(f"{missing} requests got no reply within {timeout_s} s")
 
 
+@main.command()
+@click.option(
+    "--kind",
+    type=click.Choice(["mutag", "cora"]),
+    default="mutag",
+    show_default=True,
+    help="MUTAG graph requests or Cora ego-subgraph node requests.",
+)
+@click.option("--requests", "count", default=1_000, show_default=True, help="Requests to send.")
+@click.option("--window", default=8, show_default=True, help="Requests in flight at once.")
+@click.option("--embedded", is_flag=True, help="Start the embedded broker, a database and one worker.")
+def bench(kind: str, count: int, window: int, embedded: bool) -> None:
+    """Measure throughput and latency from publish to reply."""
+    settings = _settings()
+    configure_logging("WARNING", settings.log_format, settings.secret_values())
+    from graphinfer.bench import run_bench
+
+    try:
+        click.echo(run_bench(settings, kind=kind, count=count, window=window, embedded=embedded))
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.group()
 def models() -> None:
     """Inspect, validate and train models."""
