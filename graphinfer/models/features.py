@@ -498,4 +498,4 @@ def _pair_rows(graph_input: GraphInput, pairs: Sequence[Any] | None) -> np.ndarr
 
 
 # Registers the built-in extractors; they import the names above, so this comes last.
-from graphinfer.models.extractors import composite, graph, node  # noqa: E402, F401
+from graphinfer.models.extractors import composite, edge, graph, node  # noqa: E402, F401
