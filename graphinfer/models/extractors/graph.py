@@ -1,4 +1,9 @@
-"""Graph-level extractors: one row of features per request graph."""
+"""Graph-level extractors: one row of features per request graph.
+
+Every extractor here returns the same row when node ids are renamed or nodes
+and edges are reordered (up to floating-point rounding of sums), because each
+reads only the structure and attribute values of the graph.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,16 @@ from typing import Any, ClassVar
 
 import networkx as nx
 import numpy as np
+from scipy.sparse.csgraph import connected_components
 
+from graphinfer.models.extractors.views import degrees, triangle_counts, undirected_adjacency
 from graphinfer.models.extractors.views import incompatible as _incompatible
 from graphinfer.models.features import REGISTRY, Extractor, Param
 from graphinfer.models.graph import GraphInput
+
+SIMPLE_VIEW_MULTIGRAPH = "parallel edges collapse into one edge; edge attributes are not read"
+SIMPLE_VIEW_SELF_LOOPS = "dropped"
+SIMPLE_VIEW_DIRECTION = "ignored: u->v and v->u are the same undirected edge"
 
 
 def _edges_between_distinct_nodes(
@@ -127,3 +138,123 @@ class WeisfeilerLehmanHistogram(Extractor):
             dtype=np.float64,
         )
         return np.concatenate([histogram, statistics]).reshape(1, -1)
+
+
+@REGISTRY.register
+class GraphSize(Extractor):
+    """Node count and edge count of the simple undirected view."""
+
+    name = "graph_size"
+    version = 1
+    task = "graph"
+    params: ClassVar[Mapping[str, Param]] = {}
+    multigraph = SIMPLE_VIEW_MULTIGRAPH
+    self_loops = SIMPLE_VIEW_SELF_LOOPS
+    direction = SIMPLE_VIEW_DIRECTION
+    cost = "O(n + m)"
+
+    def compute(self, graph_input: GraphInput, params: Mapping[str, Any]) -> np.ndarray:
+        edges = int(degrees(graph_input).sum()) // 2
+        return np.asarray([[graph_input.number_of_nodes, edges]], dtype=np.float64)
+
+
+@REGISTRY.register
+class Density(Extractor):
+    """Edge density 2m / (n (n - 1)) of the simple undirected view; 0 below two nodes."""
+
+    name = "density"
+    version = 1
+    task = "graph"
+    params: ClassVar[Mapping[str, Param]] = {}
+    multigraph = SIMPLE_VIEW_MULTIGRAPH
+    self_loops = SIMPLE_VIEW_SELF_LOOPS
+    direction = SIMPLE_VIEW_DIRECTION
+    cost = "O(n + m)"
+
+    def compute(self, graph_input: GraphInput, params: Mapping[str, Any]) -> np.ndarray:
+        nodes = graph_input.number_of_nodes
+        if nodes < 2:
+            return np.zeros((1, 1), dtype=np.float64)
+        edges = int(degrees(graph_input).sum()) // 2
+        return np.asarray([[2.0 * edges / (nodes * (nodes - 1))]], dtype=np.float64)
+
+
+@REGISTRY.register
+class DegreeStatistics(Extractor):
+    """Mean, standard deviation, minimum and maximum of the node degrees; zeros without nodes.
+
+    A degree is the number of distinct neighbours in the simple undirected view.
+    """
+
+    name = "degree_statistics"
+    version = 1
+    task = "graph"
+    params: ClassVar[Mapping[str, Param]] = {}
+    multigraph = SIMPLE_VIEW_MULTIGRAPH
+    self_loops = SIMPLE_VIEW_SELF_LOOPS
+    direction = SIMPLE_VIEW_DIRECTION
+    cost = "O(n + m)"
+
+    def compute(self, graph_input: GraphInput, params: Mapping[str, Any]) -> np.ndarray:
+        values = degrees(graph_input).astype(np.float64)
+        if values.size == 0:
+            return np.zeros((1, 4), dtype=np.float64)
+        row = [values.mean(), values.std(), values.min(), values.max()]
+        return np.asarray([row], dtype=np.float64)
+
+
+@REGISTRY.register
+class GraphClustering(Extractor):
+    """Average local clustering coefficient and transitivity of the simple undirected view.
+
+    The average counts nodes of degree below 2 as 0, as networkx's
+    ``average_clustering`` does. Transitivity is 3 x triangles / connected
+    triples. Both are 0 for graphs without triangles.
+    """
+
+    name = "graph_clustering"
+    version = 1
+    task = "graph"
+    params: ClassVar[Mapping[str, Param]] = {}
+    multigraph = SIMPLE_VIEW_MULTIGRAPH
+    self_loops = SIMPLE_VIEW_SELF_LOOPS
+    direction = SIMPLE_VIEW_DIRECTION
+    cost = "O(m^1.5) worst case (networkx's triangles); O(m) on sparse graphs"
+
+    def compute(self, graph_input: GraphInput, params: Mapping[str, Any]) -> np.ndarray:
+        if graph_input.number_of_nodes == 0:
+            return np.zeros((1, 2), dtype=np.float64)
+        triangles = triangle_counts(graph_input)
+        node_degrees = degrees(graph_input).astype(np.float64)
+        pairs = node_degrees * (node_degrees - 1.0)
+        local = np.divide(2.0 * triangles, pairs, out=np.zeros_like(pairs), where=pairs > 0)
+        triples = pairs.sum()
+        transitivity = 2.0 * triangles.sum() / triples if triples > 0 else 0.0
+        return np.asarray([[local.mean(), transitivity]], dtype=np.float64)
+
+
+@REGISTRY.register
+class Components(Extractor):
+    """Number of connected components, largest component's share of the nodes, and isolated nodes.
+
+    On directed graphs the components are the weakly connected ones. All
+    three are 0 for a graph without nodes.
+    """
+
+    name = "components"
+    version = 1
+    task = "graph"
+    params: ClassVar[Mapping[str, Param]] = {}
+    multigraph = SIMPLE_VIEW_MULTIGRAPH
+    self_loops = "dropped, so a node whose only edge is a self-loop counts as isolated"
+    direction = "ignored: components of a directed graph are its weakly connected components"
+    cost = "O(n + m)"
+
+    def compute(self, graph_input: GraphInput, params: Mapping[str, Any]) -> np.ndarray:
+        nodes = graph_input.number_of_nodes
+        if nodes == 0:
+            return np.zeros((1, 3), dtype=np.float64)
+        count, labels = connected_components(undirected_adjacency(graph_input), directed=False)
+        largest = np.bincount(labels).max()
+        isolated = int(np.count_nonzero(degrees(graph_input) == 0))
+        return np.asarray([[count, largest / nodes, isolated]], dtype=np.float64)
