@@ -322,7 +322,9 @@ def format_output(manifest: Manifest, ids: Sequence[Any], probabilities: np.ndar
             {
                 "source": source,
                 "target": target,
-                "score": prediction.get("score", _positive(manifest, prediction)),
+                # A score model's prediction carries its score. For a class model, the score is the
+                # positive class's probability.
+                "score": prediction["score"] if "score" in prediction else _positive(manifest, prediction),
             }
             for (source, target), prediction in zip(ids, predictions, strict=True)
         ]
