@@ -59,6 +59,13 @@ def misfit_reason(manifest: Manifest, graph: GraphInput, task: str | None) -> st
                 f"reads node attribute {attribute!r}, which {len(missing)} of this graph's nodes lack "
                 f"(first: {missing[0]!r})"
             )
+    for attribute in signature.edge_attributes:
+        lacking = [(u, v) for u, v, value in graph.graph.edges(data=attribute) if value is None]
+        if lacking:
+            return (
+                f"reads edge attribute {attribute!r}, which {len(lacking)} of this graph's edges lack "
+                f"(first: {lacking[0]!r})"
+            )
     if manifest.task == "node" and graph.number_of_nodes == 0:
         return "scores nodes, but this graph has none"
     return None
