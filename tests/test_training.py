@@ -43,6 +43,8 @@ from tests.conftest import DemoTraining
 
 MUTAG_ACCURACY_BAR = 0.80
 CORA_TEST_BAR = 0.75
+LINK_AUC_BAR = 0.85
+LINK_MODEL = "cora-links"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -86,7 +88,7 @@ def staging_entries(repository: Path) -> list[Path]:
 
 
 def test_train_demo_returns_every_model(trained: TrainedRepository) -> None:
-    assert trained.order == [MUTAG_MODEL, CORA_MODEL]
+    assert trained.order == [MUTAG_MODEL, CORA_MODEL, LINK_MODEL]
     assert trained.order == list(DEMO_MODELS)
     assert all(manifest.version == 1 for manifest in trained.manifests.values())
 
@@ -234,6 +236,26 @@ def test_publish_existing_version_kept(tmp_path: Path) -> None:
     assert second == first
     assert (tmp_path / "tiny" / "1" / ARTIFACT_NAME).read_bytes() == artifact
     assert staging_entries(tmp_path) == []
+
+
+# The models added beside mutag-wl and cora-sgc.
+
+
+def test_train_demo_links_signature(trained: TrainedRepository) -> None:
+    manifest = trained.manifests[LINK_MODEL]
+    assert manifest.task == "edge"
+    assert manifest.input.feature_dim == 1433
+    assert manifest.input.directed is False
+    assert manifest.output.kind == "score"
+    assert manifest.output.positive_class == "link"
+    assert manifest.features.name == "edge_concat"
+
+
+def test_train_demo_links_auc_above_bar(trained: TrainedRepository) -> None:
+    manifest = trained.manifests[LINK_MODEL]
+    assert manifest.metrics["test_roc_auc"].value >= LINK_AUC_BAR
+    assert manifest.training.test_size == 1054
+    assert "without any held-out link" in manifest.metrics["test_roc_auc"].protocol
 
 
 def test_train_demo_metrics_reproduced_elsewhere(trained: TrainedRepository) -> None:

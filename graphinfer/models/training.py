@@ -1,4 +1,8 @@
-"""Train the demo models ``mutag-wl`` and ``cora-sgc`` and publish them into a model repository.
+"""Train the demo models and publish them into a model repository.
+
+The demo models are ``mutag-wl`` (graph task), ``cora-sgc`` and
+``cora-links`` (node and edge tasks on Cora). This module trains the first
+two; :mod:`graphinfer.models.link_model` trains the third.
 
 Features are computed through the same path the service uses: a v1 request
 dict, ``PredictRequest.model_validate``, ``build_graph`` and ``extract``, so
@@ -20,6 +24,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
+from graphinfer.models import link_model
 from graphinfer.models.datasets import (
     CORA_FILE,
     MUTAG_FILE,
@@ -341,6 +346,7 @@ Evaluator = Callable[[Manifest, Any], dict[str, float]]
 TRAINERS: Mapping[str, Trainer] = {
     MUTAG_MODEL: train_mutag,
     CORA_MODEL: train_cora,
+    link_model.MODEL: link_model.train_cora_links,
 }
 DEMO_MODELS: Sequence[str] = tuple(TRAINERS)
 
@@ -348,4 +354,5 @@ DEMO_MODELS: Sequence[str] = tuple(TRAINERS)
 EVALUATORS: Mapping[str, Evaluator] = {
     MUTAG_MODEL: evaluate_mutag,
     CORA_MODEL: evaluate_cora,
+    link_model.MODEL: link_model.evaluate_cora_links,
 }
