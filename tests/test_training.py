@@ -44,7 +44,10 @@ from tests.conftest import DemoTraining
 MUTAG_ACCURACY_BAR = 0.80
 CORA_TEST_BAR = 0.75
 LINK_AUC_BAR = 0.85
+FRAUD_AUC_BAR = 0.65
+LEAKING_FRAUD_AUC_BAR = 0.95
 LINK_MODEL = "cora-links"
+FRAUD_MODEL = "otc-fraud"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -88,7 +91,7 @@ def staging_entries(repository: Path) -> list[Path]:
 
 
 def test_train_demo_returns_every_model(trained: TrainedRepository) -> None:
-    assert trained.order == [MUTAG_MODEL, CORA_MODEL, LINK_MODEL]
+    assert trained.order == [MUTAG_MODEL, CORA_MODEL, LINK_MODEL, FRAUD_MODEL]
     assert trained.order == list(DEMO_MODELS)
     assert all(manifest.version == 1 for manifest in trained.manifests.values())
 
@@ -251,11 +254,51 @@ def test_train_demo_links_signature(trained: TrainedRepository) -> None:
     assert manifest.features.name == "edge_concat"
 
 
+def test_train_demo_fraud_signature(trained: TrainedRepository) -> None:
+    manifest = trained.manifests[FRAUD_MODEL]
+    assert manifest.task == "node"
+    assert manifest.input.directed is True
+    assert manifest.input.edge_attributes == ["rating"]
+    assert manifest.input.feature_dim is None
+    assert manifest.output.kind == "score"
+    assert manifest.output.positive_class == "fraudulent"
+
+
+def test_train_demo_fraud_features_skip_incoming(trained: TrainedRepository) -> None:
+    parts = trained.manifests[FRAUD_MODEL].features.params["parts"]
+    direct = [part for part in parts if part["name"] == "edge_attribute_statistics"]
+    means = [part for part in parts if part["name"] == "neighbor_mean"]
+    assert [part["params"]["direction"] for part in direct] == ["out"]
+    assert {part["params"]["direction"] for part in means} == {"out"}
+
+
 def test_train_demo_links_auc_above_bar(trained: TrainedRepository) -> None:
     manifest = trained.manifests[LINK_MODEL]
     assert manifest.metrics["test_roc_auc"].value >= LINK_AUC_BAR
     assert manifest.training.test_size == 1054
     assert "without any held-out link" in manifest.metrics["test_roc_auc"].protocol
+
+
+def test_train_demo_fraud_reports_both_variants(trained: TrainedRepository) -> None:
+    metrics = trained.manifests[FRAUD_MODEL].metrics
+    without = metrics["test_roc_auc_without_incoming_ratings"].value
+    with_incoming = metrics["test_roc_auc_with_incoming_ratings"].value
+    assert without >= FRAUD_AUC_BAR
+    assert with_incoming >= LEAKING_FRAUD_AUC_BAR
+    assert with_incoming > without
+    assert metrics["cv_roc_auc_without_incoming_ratings"].std is not None
+    assert (
+        metrics["cv_roc_auc_with_incoming_ratings"].value
+        > metrics["cv_roc_auc_without_incoming_ratings"].value
+    )
+
+
+def test_train_demo_fraud_split_recorded(trained: TrainedRepository) -> None:
+    training = trained.manifests[FRAUD_MODEL].training
+    assert training.seed == 0
+    assert training.train_size == 221
+    assert training.test_size == 95
+    assert "stratified" in training.split
 
 
 def test_train_demo_metrics_reproduced_elsewhere(trained: TrainedRepository) -> None:

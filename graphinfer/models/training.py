@@ -1,8 +1,9 @@
 """Train the demo models and publish them into a model repository.
 
 The demo models are ``mutag-wl`` (graph task), ``cora-sgc`` and
-``cora-links`` (node and edge tasks on Cora). This module trains the first
-two; :mod:`graphinfer.models.link_model` trains the third.
+``cora-links`` (node and edge tasks on Cora) and ``otc-fraud`` (node task on
+Bitcoin OTC). This module trains the first two; the others are trained in
+:mod:`graphinfer.models.link_model` and :mod:`graphinfer.models.fraud_model`.
 
 Features are computed through the same path the service uses: a v1 request
 dict, ``PredictRequest.model_validate``, ``build_graph`` and ``extract``, so
@@ -24,7 +25,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
-from graphinfer.models import link_model
+from graphinfer.models import fraud_model, link_model
 from graphinfer.models.datasets import (
     CORA_FILE,
     MUTAG_FILE,
@@ -347,6 +348,7 @@ TRAINERS: Mapping[str, Trainer] = {
     MUTAG_MODEL: train_mutag,
     CORA_MODEL: train_cora,
     link_model.MODEL: link_model.train_cora_links,
+    fraud_model.MODEL: fraud_model.train_otc_fraud,
 }
 DEMO_MODELS: Sequence[str] = tuple(TRAINERS)
 
@@ -355,4 +357,5 @@ EVALUATORS: Mapping[str, Evaluator] = {
     MUTAG_MODEL: evaluate_mutag,
     CORA_MODEL: evaluate_cora,
     link_model.MODEL: link_model.evaluate_cora_links,
+    fraud_model.MODEL: fraud_model.evaluate_otc_fraud,
 }
