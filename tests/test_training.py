@@ -46,8 +46,10 @@ CORA_TEST_BAR = 0.75
 LINK_AUC_BAR = 0.85
 FRAUD_AUC_BAR = 0.65
 LEAKING_FRAUD_AUC_BAR = 0.95
+KARATE_ACCURACY_BAR = 0.80
 LINK_MODEL = "cora-links"
 FRAUD_MODEL = "otc-fraud"
+KARATE_MODEL = "karate-club"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -91,7 +93,7 @@ def staging_entries(repository: Path) -> list[Path]:
 
 
 def test_train_demo_returns_every_model(trained: TrainedRepository) -> None:
-    assert trained.order == [MUTAG_MODEL, CORA_MODEL, LINK_MODEL, FRAUD_MODEL]
+    assert trained.order == [MUTAG_MODEL, CORA_MODEL, LINK_MODEL, FRAUD_MODEL, KARATE_MODEL]
     assert trained.order == list(DEMO_MODELS)
     assert all(manifest.version == 1 for manifest in trained.manifests.values())
 
@@ -264,6 +266,21 @@ def test_train_demo_fraud_signature(trained: TrainedRepository) -> None:
     assert manifest.output.positive_class == "fraudulent"
 
 
+def test_train_demo_karate_signature(trained: TrainedRepository) -> None:
+    manifest = trained.manifests[KARATE_MODEL]
+    assert manifest.task == "node"
+    assert manifest.input.directed is False
+    assert manifest.input.edge_attributes == ["weight"]
+    assert manifest.input.node_attributes == []
+    assert manifest.output.kind == "classes"
+    assert manifest.output.class_names == ["Mr. Hi", "Officer"]
+
+
+def test_train_demo_karate_never_reads_club(trained: TrainedRepository) -> None:
+    features = json.dumps(trained.manifests[KARATE_MODEL].features.model_dump())
+    assert "club" not in features
+
+
 def test_train_demo_fraud_features_skip_incoming(trained: TrainedRepository) -> None:
     parts = trained.manifests[FRAUD_MODEL].features.params["parts"]
     direct = [part for part in parts if part["name"] == "edge_attribute_statistics"]
@@ -299,6 +316,13 @@ def test_train_demo_fraud_split_recorded(trained: TrainedRepository) -> None:
     assert training.train_size == 221
     assert training.test_size == 95
     assert "stratified" in training.split
+
+
+def test_train_demo_karate_accuracy_above_bar(trained: TrainedRepository) -> None:
+    metrics = trained.manifests[KARATE_MODEL].metrics
+    assert metrics["test_accuracy"].value >= KARATE_ACCURACY_BAR
+    assert metrics["repeated_test_accuracy"].value >= KARATE_ACCURACY_BAR
+    assert trained.manifests[KARATE_MODEL].training.test_size == 17
 
 
 def test_train_demo_metrics_reproduced_elsewhere(trained: TrainedRepository) -> None:

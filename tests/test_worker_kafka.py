@@ -252,6 +252,7 @@ async def test_implicit_misfit_model_is_skipped(
     assert [(item["model"], item["code"]) for item in reply["skipped"]] == [
         ("cora-links", "incompatible_input"),
         ("cora-sgc", "incompatible_input"),
+        ("karate-club", "incompatible_input"),
         ("otc-fraud", "incompatible_input"),
     ]
 

@@ -1,9 +1,11 @@
 """Train the demo models and publish them into a model repository.
 
 The demo models are ``mutag-wl`` (graph task), ``cora-sgc`` and
-``cora-links`` (node and edge tasks on Cora) and ``otc-fraud`` (node task on
-Bitcoin OTC). This module trains the first two; the others are trained in
-:mod:`graphinfer.models.link_model` and :mod:`graphinfer.models.fraud_model`.
+``cora-links`` (node and edge tasks on Cora), ``otc-fraud`` (node task on
+Bitcoin OTC) and ``karate-club`` (node task on Zachary's karate club). This
+module trains the first two; the others are trained in
+:mod:`graphinfer.models.link_model`, :mod:`graphinfer.models.fraud_model` and
+:mod:`graphinfer.models.karate_model`.
 
 Features are computed through the same path the service uses: a v1 request
 dict, ``PredictRequest.model_validate``, ``build_graph`` and ``extract``, so
@@ -25,7 +27,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
-from graphinfer.models import fraud_model, link_model
+from graphinfer.models import fraud_model, karate_model, link_model
 from graphinfer.models.datasets import (
     CORA_FILE,
     MUTAG_FILE,
@@ -349,6 +351,7 @@ TRAINERS: Mapping[str, Trainer] = {
     CORA_MODEL: train_cora,
     link_model.MODEL: link_model.train_cora_links,
     fraud_model.MODEL: fraud_model.train_otc_fraud,
+    karate_model.MODEL: karate_model.train_karate,
 }
 DEMO_MODELS: Sequence[str] = tuple(TRAINERS)
 
@@ -358,4 +361,5 @@ EVALUATORS: Mapping[str, Evaluator] = {
     CORA_MODEL: evaluate_cora,
     link_model.MODEL: link_model.evaluate_cora_links,
     fraud_model.MODEL: fraud_model.evaluate_otc_fraud,
+    karate_model.MODEL: karate_model.evaluate_karate,
 }
