@@ -204,8 +204,9 @@ def models_list() -> None:
     click.echo("feature extractors:")
     for extractor in features.describe():
         click.echo(f"   {extractor['name']}@{extractor['version']} task={extractor['task']}")
-        for key in ("multigraph", "self_loops", "direction"):
-            if key in extractor:
+        click.echo(f"       {extractor['description']}")
+        for key in ("multigraph", "self_loops", "direction", "cost"):
+            if extractor.get(key):
                 click.echo(f"       {key}: {extractor[key]}")
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from graphinfer.embedded import EmbeddedStack, drop_database, ensure_database
+from graphinfer.models.manifest import Manifest
 from tests.kafka_client import KafkaTestClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,13 +96,28 @@ def database_url(services: Services, session_id: str) -> Iterator[str]:
         asyncio.run(drop_database(services.server_url, name))
 
 
+@dataclass
+class DemoTraining:
+    """The demo models trained once per session: repository, manifests in order, progress lines."""
+
+    repository: Path
+    manifests: list[Manifest]
+    progress: list[str]
+
+
 @pytest.fixture(scope="session")
-def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_training(tmp_path_factory: pytest.TempPathFactory) -> DemoTraining:
     from graphinfer.models.training import train_demo
 
     repository = tmp_path_factory.mktemp("model-repo")
-    train_demo(repository, seed=0)
-    return repository
+    progress: list[str] = []
+    manifests = train_demo(repository, seed=0, progress=progress.append)
+    return DemoTraining(repository, manifests, progress)
+
+
+@pytest.fixture(scope="session")
+def model_repository(demo_training: DemoTraining) -> Path:
+    return demo_training.repository
 
 
 @pytest.fixture(scope="session")

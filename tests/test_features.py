@@ -447,9 +447,9 @@ def test_sgc_cora_one_hop_ego_differs(cora: CoraData, cora_whole: GraphInput) ->
 def test_extract_unknown_name() -> None:
     graph = make_graph(labelled("C"), [])
     with pytest.raises(GraphinferError) as caught:
-        extract(FeatureSpec(name="pagerank", version=1), graph, "graph", None)
+        extract(FeatureSpec(name="no_such_extractor", version=1), graph, "graph", None)
     assert caught.value.code == "incompatible_input"
-    assert "pagerank@1" in caught.value.message
+    assert "no_such_extractor@1" in caught.value.message
     assert "sgc@1" in caught.value.message
     assert "wl_histogram@1" in caught.value.message
 
@@ -516,20 +516,48 @@ def test_feature_cache_key_ignores_param_order() -> None:
 
 def test_describe_lists_extractors() -> None:
     described = {item["name"]: item for item in describe()}
-    assert set(described) == {"sgc", "wl_histogram"}
+    assert set(described) == {
+        "adamic_adar",
+        "anchor_pagerank",
+        "betweenness",
+        "clustering",
+        "common_neighbors",
+        "components",
+        "core_number",
+        "degree",
+        "degree_statistics",
+        "density",
+        "edge_attribute_statistics",
+        "edge_concat",
+        "feature_similarity",
+        "graph_clustering",
+        "graph_concat",
+        "graph_size",
+        "jaccard",
+        "neighbor_mean",
+        "node_attributes",
+        "node_concat",
+        "pagerank",
+        "preferential_attachment",
+        "resource_allocation",
+        "sgc",
+        "triangles",
+        "wl_histogram",
+    }
     assert described["wl_histogram"]["task"] == "graph"
     assert described["sgc"]["task"] == "node"
     assert described["sgc"]["params"]["hops"]["default"] == 2
     assert described["wl_histogram"]["params"]["dim"]["default"] == 1024
 
 
-def test_describe_states_graph_treatment() -> None:
-    for item in describe():
-        assert item["version"] == 1
-        assert item["multigraph"]
-        assert item["self_loops"]
-        assert item["direction"]
-        assert item["description"]
+@pytest.mark.parametrize("item", describe(), ids=lambda item: item["name"])
+def test_describe_states_graph_treatment(item: dict[str, Any]) -> None:
+    assert item["version"] == 1
+    assert item["multigraph"]
+    assert item["self_loops"]
+    assert item["direction"]
+    assert item["description"]
+    assert item["cost"].startswith(("O(", "the sum")), item["cost"]
 
 
 # Memoisation: one computation per graph for each (name, params, version).
@@ -596,7 +624,7 @@ def test_extract_shares_sgc_result_across_targets() -> None:
     extract(SGC, graph, "node", [0])
     extract(FeatureSpec(name="sgc", params={"hops": 2, "concat": False}, version=1), graph, "node", [2])
     extract(SGC_ONE_HOP, graph, "node", None)
-    assert len(graph.cache) == 2
+    assert len([key for key in graph.cache if str(key).startswith("features/")]) == 2
 
 
 def test_sgc_overflowing_weights() -> None:
@@ -614,3 +642,77 @@ def test_extract_node_rows_are_a_copy() -> None:
     first = extract(SGC, graph, "node", None)
     first[:] = -1.0
     assert extract(SGC, graph, "node", None).min() >= 0.0
+
+
+# Nested feature specs and the newer parameter kinds.
+
+
+def test_nested_spec_defaults_share_cache_key() -> None:
+    graph = make_graph(one_hot(3), [{"source": 0, "target": 1}])
+    short = FeatureSpec(name="neighbor_mean", params={"base": {"name": "degree", "version": 1}}, version=1)
+    written_out = FeatureSpec(
+        name="neighbor_mean",
+        params={
+            "base": {"name": "degree", "version": 1, "params": {"direction": "any", "weight": None}},
+            "direction": "any",
+        },
+        version=1,
+    )
+    extract(short, graph, "node", None)
+    extract(written_out, graph, "node", None)
+    keys = [key for key in graph.cache if str(key).startswith("features/neighbor_mean@1/")]
+    assert len(keys) == 1
+
+
+def test_nested_spec_unknown_extractor() -> None:
+    graph = make_graph(one_hot(2), [])
+    spec = FeatureSpec(name="node_concat", params={"parts": [{"name": "missing", "version": 1}]}, version=1)
+    with pytest.raises(GraphinferError) as caught:
+        extract(spec, graph, "node", None)
+    assert caught.value.code == "incompatible_input"
+    assert "missing@1" in caught.value.message
+
+
+def test_nested_spec_malformed() -> None:
+    graph = make_graph(one_hot(2), [])
+    spec = FeatureSpec(name="node_concat", params={"parts": [{"name": "degree"}]}, version=1)
+    with pytest.raises(GraphinferError) as caught:
+        extract(spec, graph, "node", None)
+    assert caught.value.code == "incompatible_input"
+    assert "features.params.parts[0]" in caught.value.message
+
+
+def test_nested_spec_invalid_inner_param() -> None:
+    graph = make_graph(one_hot(2), [])
+    part = {"name": "degree", "version": 1, "params": {"direction": "sideways"}}
+    spec = FeatureSpec(name="node_concat", params={"parts": [part]}, version=1)
+    with pytest.raises(GraphinferError) as caught:
+        extract(spec, graph, "node", None)
+    assert caught.value.code == "incompatible_input"
+    assert "one of 'any', 'in', 'out'" in caught.value.message
+
+
+def test_nested_spec_list_must_not_be_empty() -> None:
+    graph = make_graph(one_hot(2), [])
+    with pytest.raises(GraphinferError) as caught:
+        extract(FeatureSpec(name="node_concat", params={"parts": []}, version=1), graph, "node", None)
+    assert caught.value.code == "incompatible_input"
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [(0.5, True), (0, True), (0.96, False), (True, False), ("0.5", False), (float("nan"), False)],
+)
+def test_float_param_bounds(value: Any, valid: bool) -> None:
+    param = Param(0.85, "float", "Damping.", 0.0, 0.95)
+    if valid:
+        assert param.validate("pagerank@1", "alpha", value) == float(value)
+    else:
+        with pytest.raises(GraphinferError):
+            param.validate("pagerank@1", "alpha", value)
+
+
+def test_param_describe_lists_choices() -> None:
+    described = {item["name"]: item for item in describe()}
+    assert described["degree"]["params"]["direction"]["choices"] == ["any", "in", "out"]
+    assert described["node_concat"]["params"]["parts"]["task"] == "node"

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +32,25 @@ from graphinfer.models.repository import ModelRefused
 from graphinfer.models.schema import PredictRequest
 from graphinfer.models.training import (
     CORA_MODEL,
+    DEMO_MODELS,
     MUTAG_MODEL,
     STAGING_PREFIX,
     TrainedModel,
     publish,
     train_demo,
 )
+from tests.conftest import DemoTraining
 
 MUTAG_ACCURACY_BAR = 0.80
 CORA_TEST_BAR = 0.75
+LINK_AUC_BAR = 0.85
+FRAUD_AUC_BAR = 0.65
+LEAKING_FRAUD_AUC_BAR = 0.95
+KARATE_ACCURACY_BAR = 0.80
+LINK_MODEL = "cora-links"
+FRAUD_MODEL = "otc-fraud"
+KARATE_MODEL = "karate-club"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class TrainedRepository:
@@ -55,11 +68,9 @@ class TrainedRepository:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedRepository:
-    repository = tmp_path_factory.mktemp("model-repo")
-    progress: list[str] = []
-    manifests = train_demo(repository, seed=0, progress=progress.append)
-    return TrainedRepository(repository, manifests, progress)
+def trained(demo_training: DemoTraining) -> TrainedRepository:
+    # The session's demo repository, so the suite trains the demo models once.
+    return TrainedRepository(demo_training.repository, demo_training.manifests, demo_training.progress)
 
 
 def tiny_model(name: str = "tiny") -> TrainedModel:
@@ -81,39 +92,39 @@ def staging_entries(repository: Path) -> list[Path]:
     return [path for path in repository.rglob("*") if path.name.startswith(STAGING_PREFIX)]
 
 
-def test_train_demo_returns_both_models(trained: TrainedRepository) -> None:
-    assert trained.order == [MUTAG_MODEL, CORA_MODEL]
+def test_train_demo_returns_every_model(trained: TrainedRepository) -> None:
+    assert trained.order == [MUTAG_MODEL, CORA_MODEL, LINK_MODEL, FRAUD_MODEL, KARATE_MODEL]
+    assert trained.order == list(DEMO_MODELS)
     assert all(manifest.version == 1 for manifest in trained.manifests.values())
 
 
-@pytest.mark.parametrize("name", [MUTAG_MODEL, CORA_MODEL])
+@pytest.mark.parametrize("name", DEMO_MODELS)
 def test_train_demo_manifest_file_validates(trained: TrainedRepository, name: str) -> None:
     text = (trained.version_dir(name) / MANIFEST_NAME).read_text(encoding="utf-8")
     assert Manifest.model_validate(json.loads(text)) == trained.manifests[name]
 
 
-@pytest.mark.parametrize("name", [MUTAG_MODEL, CORA_MODEL])
+@pytest.mark.parametrize("name", DEMO_MODELS)
 def test_train_demo_sha256_matches_artifact(trained: TrainedRepository, name: str) -> None:
     artifact = (trained.version_dir(name) / ARTIFACT_NAME).read_bytes()
     assert hashlib.sha256(artifact).hexdigest() == trained.manifests[name].sha256
 
 
-@pytest.mark.parametrize("name", [MUTAG_MODEL, CORA_MODEL])
+@pytest.mark.parametrize("name", DEMO_MODELS)
 def test_train_demo_class_order_matches(trained: TrainedRepository, name: str) -> None:
     estimator = trained.load_estimator(name)
     class_names = trained.manifests[name].output.class_names
     assert [str(label) for label in estimator.classes_] == class_names
-    assert trained.manifests[name].output.kind == "classes"
 
 
-@pytest.mark.parametrize("name", [MUTAG_MODEL, CORA_MODEL])
+@pytest.mark.parametrize("name", DEMO_MODELS)
 def test_train_demo_library_versions(trained: TrainedRepository, name: str) -> None:
     versions = trained.manifests[name].library_versions
     for library in ("scikit-learn", "numpy", "networkx", "python"):
         assert versions.get(library)
 
 
-@pytest.mark.parametrize("name", [MUTAG_MODEL, CORA_MODEL])
+@pytest.mark.parametrize("name", DEMO_MODELS)
 def test_train_demo_created_at_is_utc(trained: TrainedRepository, name: str) -> None:
     offset = trained.manifests[name].created_at.utcoffset()
     assert offset is not None
@@ -178,13 +189,13 @@ def test_train_demo_cora_test_above_bar(trained: TrainedRepository) -> None:
 
 def test_train_demo_leaves_no_staging(trained: TrainedRepository) -> None:
     assert staging_entries(trained.path) == []
-    assert sorted(path.name for path in trained.path.iterdir()) == [CORA_MODEL, MUTAG_MODEL]
+    assert sorted(path.name for path in trained.path.iterdir()) == sorted(DEMO_MODELS)
 
 
 def test_train_demo_reports_progress(trained: TrainedRepository) -> None:
     assert any("CV accuracy" in line for line in trained.progress)
     assert any("test accuracy" in line for line in trained.progress)
-    assert sum("published version 1" in line for line in trained.progress) == 2
+    assert sum("published version 1" in line for line in trained.progress) == len(DEMO_MODELS)
 
 
 def test_train_demo_existing_versions_skipped(trained: TrainedRepository) -> None:
@@ -193,7 +204,7 @@ def test_train_demo_existing_versions_skipped(trained: TrainedRepository) -> Non
     again = train_demo(trained.path, seed=1, progress=progress.append)
     assert [manifest.name for manifest in again] == trained.order
     assert again == [trained.manifests[name] for name in trained.order]
-    assert sum("skipped" in line for line in progress) == 2
+    assert sum("skipped" in line for line in progress) == len(DEMO_MODELS)
     for name in trained.order:
         assert (trained.version_dir(name) / ARTIFACT_NAME).read_bytes() == before[name]
 
@@ -230,3 +241,107 @@ def test_publish_existing_version_kept(tmp_path: Path) -> None:
     assert second == first
     assert (tmp_path / "tiny" / "1" / ARTIFACT_NAME).read_bytes() == artifact
     assert staging_entries(tmp_path) == []
+
+
+# The models added beside mutag-wl and cora-sgc.
+
+
+def test_train_demo_links_signature(trained: TrainedRepository) -> None:
+    manifest = trained.manifests[LINK_MODEL]
+    assert manifest.task == "edge"
+    assert manifest.input.feature_dim == 1433
+    assert manifest.input.directed is False
+    assert manifest.output.kind == "score"
+    assert manifest.output.positive_class == "link"
+    assert manifest.features.name == "edge_concat"
+
+
+def test_train_demo_fraud_signature(trained: TrainedRepository) -> None:
+    manifest = trained.manifests[FRAUD_MODEL]
+    assert manifest.task == "node"
+    assert manifest.input.directed is True
+    assert manifest.input.edge_attributes == ["rating"]
+    assert manifest.input.feature_dim is None
+    assert manifest.output.kind == "score"
+    assert manifest.output.positive_class == "fraudulent"
+
+
+def test_train_demo_karate_signature(trained: TrainedRepository) -> None:
+    manifest = trained.manifests[KARATE_MODEL]
+    assert manifest.task == "node"
+    assert manifest.input.directed is False
+    assert manifest.input.edge_attributes == ["weight"]
+    assert manifest.input.node_attributes == []
+    assert manifest.output.kind == "classes"
+    assert manifest.output.class_names == ["Mr. Hi", "Officer"]
+
+
+def test_train_demo_karate_never_reads_club(trained: TrainedRepository) -> None:
+    features = json.dumps(trained.manifests[KARATE_MODEL].features.model_dump())
+    assert "club" not in features
+
+
+def test_train_demo_fraud_features_skip_incoming(trained: TrainedRepository) -> None:
+    parts = trained.manifests[FRAUD_MODEL].features.params["parts"]
+    direct = [part for part in parts if part["name"] == "edge_attribute_statistics"]
+    means = [part for part in parts if part["name"] == "neighbor_mean"]
+    assert [part["params"]["direction"] for part in direct] == ["out"]
+    assert {part["params"]["direction"] for part in means} == {"out"}
+
+
+def test_train_demo_links_auc_above_bar(trained: TrainedRepository) -> None:
+    manifest = trained.manifests[LINK_MODEL]
+    assert manifest.metrics["test_roc_auc"].value >= LINK_AUC_BAR
+    assert manifest.training.test_size == 1054
+    assert "without any held-out link" in manifest.metrics["test_roc_auc"].protocol
+
+
+def test_train_demo_fraud_reports_both_variants(trained: TrainedRepository) -> None:
+    metrics = trained.manifests[FRAUD_MODEL].metrics
+    without = metrics["test_roc_auc_without_incoming_ratings"].value
+    with_incoming = metrics["test_roc_auc_with_incoming_ratings"].value
+    assert without >= FRAUD_AUC_BAR
+    assert with_incoming >= LEAKING_FRAUD_AUC_BAR
+    assert with_incoming > without
+    assert metrics["cv_roc_auc_without_incoming_ratings"].std is not None
+    assert (
+        metrics["cv_roc_auc_with_incoming_ratings"].value
+        > metrics["cv_roc_auc_without_incoming_ratings"].value
+    )
+
+
+def test_train_demo_fraud_split_recorded(trained: TrainedRepository) -> None:
+    training = trained.manifests[FRAUD_MODEL].training
+    assert training.seed == 0
+    assert training.train_size == 221
+    assert training.test_size == 95
+    assert "stratified" in training.split
+
+
+def test_train_demo_karate_accuracy_above_bar(trained: TrainedRepository) -> None:
+    metrics = trained.manifests[KARATE_MODEL].metrics
+    assert metrics["test_accuracy"].value >= KARATE_ACCURACY_BAR
+    assert metrics["repeated_test_accuracy"].value >= KARATE_ACCURACY_BAR
+    assert trained.manifests[KARATE_MODEL].training.test_size == 17
+
+
+def test_train_demo_metrics_reproduced_elsewhere(trained: TrainedRepository) -> None:
+    # Another process with another hash seed loads the published files and
+    # scores the held-out wire requests through the serving engine.
+    seed = "4177" if os.environ.get("PYTHONHASHSEED") != "4177" else "7714"
+    environment = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
+    completed = subprocess.run(
+        [sys.executable, "-m", "graphinfer.models.reproduce", str(trained.path)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+        timeout=240,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    reproduced = json.loads(completed.stdout)
+    assert sorted(reproduced) == sorted(DEMO_MODELS)
+    for name, metrics in reproduced.items():
+        for metric, value in metrics.items():
+            assert value == trained.manifests[name].metrics[metric].value, (name, metric)

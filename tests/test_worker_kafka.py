@@ -250,7 +250,10 @@ async def test_implicit_misfit_model_is_skipped(
     assert reply["status"] == "ok"
     assert [result["model"] for result in reply["results"]] == ["mutag-wl"]
     assert [(item["model"], item["code"]) for item in reply["skipped"]] == [
-        ("cora-sgc", "incompatible_input")
+        ("cora-links", "incompatible_input"),
+        ("cora-sgc", "incompatible_input"),
+        ("karate-club", "incompatible_input"),
+        ("otc-fraud", "incompatible_input"),
     ]
 
 

@@ -200,7 +200,18 @@ def cora_graph(cora: CoraData, nodes: Sequence[int]) -> dict[str, Any]:
     left out. Each undirected edge appears once, as ``source < target``.
     """
     members = set(int(node) for node in nodes)
-    graph_nodes = [
+    graph_nodes = _cora_nodes(cora, nodes)
+    edges = []
+    for source in nodes:
+        for target in cora.neighbors(int(source)):
+            target = int(target)
+            if target > source and target in members:
+                edges.append({"source": int(source), "target": target})
+    return {"directed": False, "multigraph": False, "nodes": graph_nodes, "edges": edges}
+
+
+def _cora_nodes(cora: CoraData, nodes: Sequence[int]) -> list[dict[str, Any]]:
+    return [
         {
             "id": int(node),
             "features": {
@@ -211,13 +222,6 @@ def cora_graph(cora: CoraData, nodes: Sequence[int]) -> dict[str, Any]:
         }
         for node in nodes
     ]
-    edges = []
-    for source in nodes:
-        for target in cora.neighbors(int(source)):
-            target = int(target)
-            if target > source and target in members:
-                edges.append({"source": int(source), "target": target})
-    return {"directed": False, "multigraph": False, "nodes": graph_nodes, "edges": edges}
 
 
 def cora_ego_request(cora: CoraData, node_id: int, request_id: str, hops: int = 2) -> dict[str, Any]:
@@ -245,4 +249,96 @@ def cora_full_request(cora: CoraData, request_id: str) -> dict[str, Any]:
         "request_id": request_id,
         "graph": cora_graph(cora, range(cora.number_of_nodes)),
         "task": "node",
+    }
+
+
+@dataclass(frozen=True)
+class CoraLinkSplit:
+    """Cora's undirected edges split for link prediction.
+
+    ``observed_edges`` is the graph the features are computed on: every edge
+    except the train and test positives. Pairs are ``(u, v)`` with u < v;
+    label 1 marks a held-out edge and 0 a sampled pair that is not an edge
+    of the full graph. No pair appears twice across both parts.
+    """
+
+    observed_edges: tuple[tuple[int, int], ...]
+    train_pairs: tuple[tuple[int, int], ...]
+    train_labels: tuple[int, ...]
+    test_pairs: tuple[tuple[int, int], ...]
+    test_labels: tuple[int, ...]
+
+
+def cora_link_split(
+    cora: CoraData, seed: int = 0, test_fraction: float = 0.1, train_fraction: float = 0.1
+) -> CoraLinkSplit:
+    """Hold out edges of Cora as positives and sample as many non-edges as negatives, per part.
+
+    A seeded permutation of the 5,278 sorted undirected edges gives the test
+    positives first, then the train positives; the rest stay observed. Each
+    part gets as many negatives as positives, drawn uniformly from the pairs
+    of distinct nodes that are not edges of the full graph. The legacy numpy
+    ``RandomState`` is used because its stream is frozen across numpy releases.
+    """
+    if not (0 < test_fraction and 0 < train_fraction and test_fraction + train_fraction < 1):
+        raise ValueError(
+            f"test_fraction {test_fraction} and train_fraction {train_fraction} must be positive "
+            "and sum to less than 1"
+        )
+    upper = sp.triu(cora.adjacency, k=1).tocoo()
+    edges = sorted(zip(upper.row.tolist(), upper.col.tolist(), strict=True))
+    random = np.random.RandomState(seed)
+    order = random.permutation(len(edges))
+    test_count = int(len(edges) * test_fraction)
+    train_count = int(len(edges) * train_fraction)
+    test_positive = [edges[position] for position in order[:test_count]]
+    train_positive = [edges[position] for position in order[test_count : test_count + train_count]]
+    observed = sorted(edges[position] for position in order[test_count + train_count :])
+
+    taken = set(edges)
+    test_negative = _sample_non_edges(random, cora.number_of_nodes, test_count, taken)
+    train_negative = _sample_non_edges(random, cora.number_of_nodes, train_count, taken)
+    return CoraLinkSplit(
+        observed_edges=tuple(observed),
+        train_pairs=tuple(train_positive + train_negative),
+        train_labels=tuple([1] * train_count + [0] * train_count),
+        test_pairs=tuple(test_positive + test_negative),
+        test_labels=tuple([1] * test_count + [0] * test_count),
+    )
+
+
+def _sample_non_edges(
+    random: np.random.RandomState, size: int, count: int, taken: set[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Draw ``count`` distinct pairs u < v outside ``taken``, adding each to ``taken``."""
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < count:
+        u, v = (int(end) for end in random.randint(0, size, size=2))
+        pair = (min(u, v), max(u, v))
+        if u != v and pair not in taken:
+            taken.add(pair)
+            pairs.append(pair)
+    return pairs
+
+
+def cora_link_request(
+    cora: CoraData, split: CoraLinkSplit, pairs: Sequence[tuple[int, int]], request_id: str
+) -> dict[str, Any]:
+    """Build the v1 edge-task request scoring ``pairs`` on the observed Cora graph.
+
+    The graph contains every paper with its words and only the observed edges,
+    so a held-out edge is never in the graph it is scored on. The test
+    request is about 860 kB as ``json.dumps`` writes it, under the default
+    1,000,000-byte message cap.
+    """
+    return {
+        "request_id": request_id,
+        "graph": {
+            "directed": False,
+            "multigraph": False,
+            "nodes": _cora_nodes(cora, range(cora.number_of_nodes)),
+            "edges": [{"source": u, "target": v} for u, v in split.observed_edges],
+        },
+        "task": "edge",
+        "targets": {"edges": [{"source": u, "target": v} for u, v in pairs]},
     }

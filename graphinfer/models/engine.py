@@ -59,6 +59,13 @@ def misfit_reason(manifest: Manifest, graph: GraphInput, task: str | None) -> st
                 f"reads node attribute {attribute!r}, which {len(missing)} of this graph's nodes lack "
                 f"(first: {missing[0]!r})"
             )
+    for attribute in signature.edge_attributes:
+        lacking = [(u, v) for u, v, value in graph.graph.edges(data=attribute) if value is None]
+        if lacking:
+            return (
+                f"reads edge attribute {attribute!r}, which {len(lacking)} of this graph's edges lack "
+                f"(first: {lacking[0]!r})"
+            )
     if graph.number_of_nodes == 0 and (
         manifest.task == "node" or signature.node_attributes or signature.feature_dim
     ):
@@ -348,7 +355,9 @@ def format_output(manifest: Manifest, ids: Sequence[Any], probabilities: np.ndar
             {
                 "source": source,
                 "target": target,
-                "score": prediction.get("score", _positive(manifest, prediction)),
+                # A score model's prediction carries its score. For a class model, the score is the
+                # positive class's probability.
+                "score": prediction["score"] if "score" in prediction else _positive(manifest, prediction),
             }
             for (source, target), prediction in zip(ids, predictions, strict=True)
         ]

@@ -4,33 +4,37 @@ A model's manifest names its feature set as a :class:`FeatureSpec`: extractor
 name, parameters and code version. The engine calls :func:`extract` for each
 model and request. The full-graph result of one extractor is computed once
 per graph and kept in ``GraphInput.cache``, so models that ask for the same
-name, parameters and version share it.
+name, parameters and version share it. Edge extractors keep one row per
+scored pair there instead, so each pair is scored once per graph.
 
-Every extractor declares how it treats multigraphs, self-loops and direction
-(see :func:`describe`), and returns features for any graph that
-:func:`graphinfer.models.graph.build_graph` accepts, including directed graphs,
-multigraphs, self-loops, a single node and graphs without edges.
+Every extractor declares how it treats multigraphs, self-loops and direction,
+and what it costs (see :func:`describe`), and returns features for any graph
+that :func:`graphinfer.models.graph.build_graph` accepts, including directed
+graphs, multigraphs, self-loops, a single node and graphs without edges.
 
 An extractor's output for given input and parameters never changes within one
 version. Code that changes it registers a new version beside the old one, so
 models trained on the old output keep loading.
+
+The built-in extractors live in :mod:`graphinfer.models.extractors` and are
+registered when this module is imported.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
-import networkx as nx
 import numpy as np
 import scipy.sparse as sp
+from pydantic import ValidationError
 
 from graphinfer.errors import ErrorDetail, GraphinferError
+from graphinfer.models.extractors.views import incompatible as _incompatible
 from graphinfer.models.graph import GraphInput
 from graphinfer.models.manifest import FeatureSpec
 
@@ -40,34 +44,37 @@ CACHE_KEY_PREFIX = "features"
 # GraphInput.node_ids order) for node extractors.
 FullResult: TypeAlias = np.ndarray | sp.csr_matrix
 
+_SPEC_KINDS = ("spec", "spec_list")
+
 
 @dataclass(frozen=True)
 class Param:
     """One extractor parameter: its default, accepted type and bounds.
 
-    ``kind`` is ``"int"``, ``"bool"``, ``"str"`` or ``"str_or_null"``.
+    ``kind`` is one of:
+
+    - ``"int"``, ``"float"`` or ``"float_or_null"``, within ``minimum`` and ``maximum``;
+    - ``"bool"``, ``"str"`` or ``"str_or_null"``;
+    - ``"choice"``: one of ``choices``;
+    - ``"str_list"``: a non-empty list of distinct non-empty strings;
+    - ``"spec"``: a nested feature spec ``{"name", "version", "params"}`` of a ``task`` extractor;
+    - ``"spec_list"``: a non-empty list of such specs.
     """
 
     default: Any
     kind: str
     description: str
-    minimum: int | None = None
-    maximum: int | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    task: str | None = None
 
     def validate(self, extractor: str, name: str, value: Any) -> Any:
-        """Return ``value`` if it fits this parameter, else raise ``incompatible_input``."""
-        if self.kind == "bool":
-            valid = isinstance(value, bool)
-        elif self.kind == "int":
-            valid = isinstance(value, int) and not isinstance(value, bool)
-            if valid and self.minimum is not None:
-                valid = value >= self.minimum
-            if valid and self.maximum is not None:
-                valid = value <= self.maximum
-        elif self.kind == "str":
-            valid = isinstance(value, str) and value != ""
-        else:
-            valid = value is None or (isinstance(value, str) and value != "")
+        """Return ``value`` normalised if it fits this parameter, else raise ``incompatible_input``.
+
+        Nested specs are only checked for shape here, because the registry resolves them.
+        """
+        valid = self._fits(value)
         if not valid:
             raise _incompatible(
                 f"feature parameter {name!r} of {extractor} is {value!r}; expected {self.expected()}",
@@ -75,20 +82,68 @@ class Param:
                 value=value,
                 limit=self.expected(),
             )
+        if self.kind in ("float", "float_or_null") and value is not None:
+            return float(value)
+        if self.kind == "str_list":
+            return list(value)
         return value
 
+    def _fits(self, value: Any) -> bool:
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "float_or_null" and value is None:
+            return True
+        if self.kind in ("int", "float", "float_or_null"):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return False
+            if self.kind == "int" and not isinstance(value, int):
+                return False
+            if isinstance(value, float) and not math.isfinite(value):
+                return False
+            if self.minimum is not None and value < self.minimum:
+                return False
+            return self.maximum is None or value <= self.maximum
+        if self.kind == "str":
+            return isinstance(value, str) and value != ""
+        if self.kind == "str_or_null":
+            return value is None or (isinstance(value, str) and value != "")
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices
+        if self.kind == "str_list":
+            return (
+                isinstance(value, list)
+                and len(value) > 0
+                and all(isinstance(item, str) and item != "" for item in value)
+                and len(set(value)) == len(value)
+            )
+        if self.kind == "spec":
+            return isinstance(value, Mapping)
+        if self.kind == "spec_list":
+            return isinstance(value, list) and len(value) > 0 and all(isinstance(v, Mapping) for v in value)
+        raise ValueError(f"unknown parameter kind {self.kind!r}")
+
     def expected(self) -> str:
-        if self.kind == "int":
+        if self.kind in ("int", "float", "float_or_null"):
             bounds = []
             if self.minimum is not None:
                 bounds.append(f">= {self.minimum}")
             if self.maximum is not None:
                 bounds.append(f"<= {self.maximum}")
-            return " ".join(["an integer", " and ".join(bounds)]).strip()
+            noun = "an integer" if self.kind == "int" else "a number"
+            text = " ".join([noun, " and ".join(bounds)]).strip()
+            return text + " or null" if self.kind == "float_or_null" else text
+        if self.kind == "choice":
+            return "one of " + ", ".join(repr(choice) for choice in self.choices)
         return {
             "bool": "true or false",
             "str": "a non-empty string",
             "str_or_null": "a non-empty string or null",
+            "str_list": "a non-empty list of distinct non-empty strings",
+            "spec": f"a feature spec object with name, version and params, of a {self.task} extractor",
+            "spec_list": (
+                f"a non-empty list of feature spec objects with name, version and params, "
+                f"of {self.task} extractors"
+            ),
         }[self.kind]
 
     def describe(self) -> dict[str, Any]:
@@ -101,6 +156,10 @@ class Param:
             described["minimum"] = self.minimum
         if self.maximum is not None:
             described["maximum"] = self.maximum
+        if self.choices:
+            described["choices"] = list(self.choices)
+        if self.task is not None:
+            described["task"] = self.task
         return described
 
 
@@ -108,7 +167,11 @@ class Extractor(ABC):
     """A feature extractor: one name and code version, with its parameters.
 
     Subclasses set the class attributes and implement :meth:`compute`, which
-    returns the full-graph result for already validated parameters.
+    returns the full-graph result for already validated parameters. ``cost``
+    states the time an extraction takes as a function of the node count n,
+    the edge count m and any bounding parameter. ``registry`` is the registry
+    the extractor was registered in; extractors built from other extractors
+    compute their parts through it.
     """
 
     name: ClassVar[str]
@@ -118,13 +181,19 @@ class Extractor(ABC):
     multigraph: ClassVar[str]
     self_loops: ClassVar[str]
     direction: ClassVar[str]
+    cost: ClassVar[str] = ""
+    registry: FeatureRegistry | None = None
 
     @property
     def label(self) -> str:
         return f"{self.name}@{self.version}"
 
     def resolve_params(self, requested: Mapping[str, Any]) -> dict[str, Any]:
-        """Return every parameter's value: ``requested`` ones checked, defaults for the rest."""
+        """Return every parameter's value: ``requested`` ones checked, defaults for the rest.
+
+        A nested feature spec is replaced by its canonical form, with every
+        parameter of the nested extractor written out.
+        """
         unknown = sorted(set(requested) - set(self.params))
         if unknown:
             raise _incompatible(
@@ -136,12 +205,24 @@ class Extractor(ABC):
             )
         resolved = {}
         for name, param in self.params.items():
-            value = requested.get(name, param.default)
-            resolved[name] = param.validate(self.label, name, value)
+            value = param.validate(self.label, name, requested.get(name, param.default))
+            if param.kind in _SPEC_KINDS:
+                value = self._resolve_nested(name, param, value)
+            resolved[name] = value
         return resolved
 
+    def _resolve_nested(self, name: str, param: Param, value: Any) -> Any:
+        if self.registry is None:
+            raise RuntimeError(f"{self.label} reads nested feature specs but is not registered")
+        if param.kind == "spec":
+            return self.registry.canonical_spec(value, param.task, f"features.params.{name}")
+        return [
+            self.registry.canonical_spec(item, param.task, f"features.params.{name}[{position}]")
+            for position, item in enumerate(value)
+        ]
+
     @abstractmethod
-    def compute(self, graph_input: GraphInput, params: Mapping[str, Any]) -> FullResult:
+    def compute(self, graph_input: GraphInput, params: Mapping[str, Any]) -> Any:
         """Compute the full-graph result."""
 
     def describe(self) -> dict[str, Any]:
@@ -155,7 +236,30 @@ class Extractor(ABC):
             "multigraph": self.multigraph,
             "self_loops": self.self_loops,
             "direction": self.direction,
+            "cost": self.cost,
         }
+
+
+class EdgeExtractor(Extractor):
+    """An extractor that scores node pairs: one row per ``(source, target)`` pair.
+
+    Subclasses implement :meth:`score_pairs`. The full-graph result of an edge
+    extractor is its memo of rows by pair, which the registry fills on demand,
+    so a pair is scored once per graph whichever models ask for it.
+    """
+
+    task = "edge"
+
+    def compute(
+        self, graph_input: GraphInput, params: Mapping[str, Any]
+    ) -> dict[tuple[int, int], np.ndarray]:
+        return {}
+
+    @abstractmethod
+    def score_pairs(
+        self, graph_input: GraphInput, params: Mapping[str, Any], pairs: np.ndarray
+    ) -> np.ndarray:
+        """Return one float64 row per pair; ``pairs`` is an (p, 2) array of node rows."""
 
 
 class FeatureRegistry:
@@ -169,7 +273,9 @@ class FeatureRegistry:
         key = (extractor_class.name, extractor_class.version)
         if key in self._extractors:
             raise ValueError(f"feature extractor {key[0]}@{key[1]} is already registered")
-        self._extractors[key] = extractor_class()
+        extractor = extractor_class()
+        extractor.registry = self
+        self._extractors[key] = extractor
         return extractor_class
 
     def available(self) -> list[str]:
@@ -200,20 +306,87 @@ class FeatureRegistry:
     def describe(self) -> list[dict[str, Any]]:
         return [self._extractors[key].describe() for key in sorted(self._extractors)]
 
+    def canonical_spec(self, value: Any, task: str | None, field: str) -> dict[str, Any]:
+        """Check a nested feature spec and return it with every parameter written out."""
+        try:
+            spec = value if isinstance(value, FeatureSpec) else FeatureSpec.model_validate(value)
+        except ValidationError as exc:
+            problem = exc.errors(include_url=False)[0]
+            raise _incompatible(
+                f"{field} is not a valid feature spec: {'.'.join(str(p) for p in problem['loc'])} "
+                f"{problem['msg']}; give an object with name, version and params",
+                field=field,
+                value=str(value),
+                limit="{name, version, params}",
+            ) from None
+        extractor = self.get(spec.name, spec.version)
+        if task is not None and extractor.task != task:
+            raise _incompatible(
+                f"{field} names {extractor.label}, a {extractor.task} extractor, but it must name "
+                f"a {task} extractor",
+                field=field,
+                value=extractor.label,
+                limit=f"a {task} extractor",
+            )
+        params = extractor.resolve_params(spec.params)
+        return {"name": extractor.name, "version": extractor.version, "params": params}
+
+    def full_result(self, spec: Mapping[str, Any], graph_input: GraphInput) -> FullResult:
+        """Return the cached full-graph result of a canonical node or graph spec."""
+        extractor = self.get(spec["name"], spec["version"])
+        return self._full(extractor, spec["params"], graph_input)
+
+    def pair_rows(self, spec: Mapping[str, Any], graph_input: GraphInput, pairs: np.ndarray) -> np.ndarray:
+        """Return the rows of a canonical edge spec for ``pairs`` (an (p, 2) array of node rows)."""
+        extractor = self.get(spec["name"], spec["version"])
+        if not isinstance(extractor, EdgeExtractor):
+            raise TypeError(f"{extractor.label} is not an edge extractor")
+        return self._pairs(extractor, spec["params"], graph_input, pairs)
+
+    def _full(self, extractor: Extractor, params: Mapping[str, Any], graph_input: GraphInput) -> Any:
+        key = feature_cache_key(extractor, params)
+        full = graph_input.cache.get(key)
+        if full is None:
+            full = extractor.compute(graph_input, params)
+            graph_input.cache[key] = full
+        return full
+
+    def _pairs(
+        self,
+        extractor: EdgeExtractor,
+        params: Mapping[str, Any],
+        graph_input: GraphInput,
+        pairs: np.ndarray,
+    ) -> np.ndarray:
+        memo: dict[tuple[int, int], np.ndarray] = self._full(extractor, params, graph_input)
+        keys = [(int(u), int(v)) for u, v in pairs.tolist()]
+        missing = [key for key in dict.fromkeys(keys) if key not in memo]
+        if missing or not keys:
+            fresh = extractor.score_pairs(
+                graph_input, params, np.asarray(missing, dtype=np.int64).reshape(-1, 2)
+            )
+            for key, row in zip(missing, fresh, strict=True):
+                memo[key] = row
+            if not keys:
+                return np.zeros((0, fresh.shape[1]), dtype=np.float64)
+        return np.vstack([memo[key] for key in keys]).astype(np.float64, copy=False)
+
     def extract(
         self,
         spec: FeatureSpec,
         graph_input: GraphInput,
         task: str,
-        node_targets: Sequence[Hashable] | None = None,
+        targets: Sequence[Any] | None = None,
     ) -> np.ndarray:
         """Return the feature matrix for one model on one graph, as C-contiguous float64.
 
-        For task ``graph`` the matrix has one row and ``node_targets`` is not
-        used. For task ``node`` it has one row per id in ``node_targets``, in
-        that order, or one per node in ``graph_input.node_ids`` order when
-        ``node_targets`` is None. The result is a fresh array that the caller
-        may modify.
+        For task ``graph`` the matrix has one row and ``targets`` is not used.
+        For task ``node`` it has one row per node id in ``targets``, in that
+        order, or one per node in ``graph_input.node_ids`` order when
+        ``targets`` is None. For task ``edge`` it has one row per
+        ``(source, target)`` pair of node ids in ``targets``, in that order,
+        or one per edge of the graph (parallel edges once) when ``targets`` is
+        None. The result is a fresh array that the caller may modify.
 
         Raises :class:`GraphinferError` with code ``incompatible_input`` when
         the extractor, its version or a parameter is unknown, when the task
@@ -231,16 +404,15 @@ class FeatureRegistry:
                 limit=extractor.task,
             )
         params = extractor.resolve_params(spec.params)
-        key = feature_cache_key(extractor, params)
-        full = graph_input.cache.get(key)
-        if full is None:
-            full = extractor.compute(graph_input, params)
-            graph_input.cache[key] = full
 
+        if isinstance(extractor, EdgeExtractor):
+            pairs = _pair_rows(graph_input, targets)
+            return np.ascontiguousarray(self._pairs(extractor, params, graph_input, pairs), dtype=np.float64)
+        full = self._full(extractor, params, graph_input)
         if task == "graph":
             return np.array(_dense(full), dtype=np.float64, order="C", copy=True)
         # Row selection copies, so the cached result stays unchanged.
-        selected = _dense(full[_target_rows(graph_input, node_targets)])
+        selected = _dense(full[_target_rows(graph_input, targets)])
         return np.ascontiguousarray(selected, dtype=np.float64)
 
 
@@ -260,17 +432,17 @@ def extract(
     spec: FeatureSpec,
     graph_input: GraphInput,
     task: str,
-    node_targets: Sequence[Hashable] | None = None,
+    targets: Sequence[Any] | None = None,
 ) -> np.ndarray:
     """Return one model's feature matrix from the default registry.
 
     See :meth:`FeatureRegistry.extract` for the shape, order and errors.
     """
-    return REGISTRY.extract(spec, graph_input, task, node_targets)
+    return REGISTRY.extract(spec, graph_input, task, targets)
 
 
 def describe() -> list[dict[str, Any]]:
-    """Describe every registered extractor: name, version, task, parameters and graph treatment."""
+    """Describe every registered extractor: name, version, task, parameters, graph treatment and cost."""
     return REGISTRY.describe()
 
 
@@ -278,10 +450,6 @@ def _dense(matrix: Any) -> np.ndarray:
     if sp.issparse(matrix):
         return matrix.toarray()
     return np.asarray(matrix)
-
-
-def _incompatible(message: str, *, field: str, value: Any, limit: Any) -> GraphinferError:
-    return GraphinferError(message, code="incompatible_input", details=[ErrorDetail(field, value, limit)])
 
 
 def _target_rows(graph_input: GraphInput, node_targets: Sequence[Hashable] | None) -> np.ndarray:
@@ -301,240 +469,33 @@ def _target_rows(graph_input: GraphInput, node_targets: Sequence[Hashable] | Non
     return rows
 
 
-def _edges_between_distinct_nodes(
-    graph: nx.Graph, weight: str | None
-) -> Iterator[tuple[Hashable, Hashable, Any]]:
-    """Yield ``(u, v, weight)`` for every edge, once per parallel edge, skipping self-loops."""
-    if weight is None:
-        for u, v in graph.edges():
-            if u != v:
-                yield u, v, 1.0
-        return
-    for u, v, value in graph.edges(data=weight, default=1.0):
-        if u != v:
-            yield u, v, value
-
-
-def undirected_adjacency(graph_input: GraphInput, weight: str | None = None) -> sp.csr_matrix:
-    """Build the symmetric adjacency matrix in ``node_ids`` order, without self-loops.
-
-    With ``weight`` None every linked pair gets 1, however many edges join it
-    in either direction. With ``weight`` set, entry (u, v) is the sum of that
-    attribute over all edges between u and v in either direction, and an edge
-    without the attribute counts 1. Weights must be finite and non-negative.
-    """
-    index = graph_input.index
-    size = graph_input.number_of_nodes
-    rows: list[int] = []
-    cols: list[int] = []
-    values: list[float] = []
-    for u, v, value in _edges_between_distinct_nodes(graph_input.graph, weight):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise _incompatible(
-                f"edge ({u!r}, {v!r}) has {weight!r} = {value!r}; edge weights read as "
-                f"{weight!r} must be finite non-negative numbers",
-                field=f"graph.edges.{weight}",
-                value=value,
-                limit="a finite number >= 0",
+def _pair_rows(graph_input: GraphInput, pairs: Sequence[Any] | None) -> np.ndarray:
+    if pairs is None:
+        edges = ((u, v) for u, v, *_ in graph_input.graph.edges)
+        pairs = list(dict.fromkeys(edges))
+    rows = np.empty((len(pairs), 2), dtype=np.int64)
+    for position, pair in enumerate(pairs):
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise GraphinferError(
+                f"targets.edges[{position}] is {pair!r}; name each edge as a (source, target) pair",
+                code="invalid_targets",
+                details=[ErrorDetail(f"targets.edges[{position}]", repr(pair), "a (source, target) pair")],
             )
-        rows.append(index[u])
-        cols.append(index[v])
-        values.append(float(value))
-
-    one_way = sp.coo_matrix(
-        (
-            np.asarray(values, dtype=np.float64),
-            (np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)),
-        ),
-        shape=(size, size),
-    )
-    adjacency = (one_way + one_way.T).tocsr()
-    adjacency.sum_duplicates()
-    if weight is None:
-        adjacency.data[:] = 1.0
-    adjacency.sort_indices()
-    return adjacency
-
-
-def _attribute_text(value: Any) -> str:
-    # Integers and strings with the same digits give the same text on purpose,
-    # because producers differ in whether they send atom codes as 1 or "1".
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True)
-
-
-def _digest(text: str, size: int = 16) -> str:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=size).hexdigest()
-
-
-def _bucket(round_index: int, label_hash: str, dim: int) -> int:
-    digest = hashlib.blake2b(f"{round_index}:{label_hash}".encode("ascii"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % dim
-
-
-@REGISTRY.register
-class WeisfeilerLehmanHistogram(Extractor):
-    """Hashed histogram of Weisfeiler-Lehman subtree labels of a node attribute.
-
-    Round 0 labels each node with a digest of its attribute value. Round i
-    labels it with networkx's blake2b Weisfeiler-Lehman hash of its i-hop
-    subtree. Every (round, label) pair goes to one of ``dim`` buckets through a
-    blake2b digest, and the row counts nodes per bucket. With ``statistics``
-    four columns follow: node count, edge count, mean degree and max degree of
-    the simple undirected view. The row depends neither on node id values nor
-    on node or edge order. Attribute values that are strings are used as is and
-    others as their JSON text, so ``1`` and ``"1"`` give the same label.
-    """
-
-    # NOTE: rounds 1 and later use networkx's own WL label format, so a
-    # networkx release that changes it changes this output. networkx 3.5 changed
-    # the hashes of directed and attribute-less graphs only, and this extractor
-    # passes neither. Manifests record the networkx version used in training.
-    name = "wl_histogram"
-    version = 1
-    task = "graph"
-    params: ClassVar[Mapping[str, Param]] = {
-        "node_attribute": Param("label", "str", "Node attribute whose values seed the labels."),
-        "iterations": Param(3, "int", "Weisfeiler-Lehman rounds after round 0.", minimum=0, maximum=16),
-        "dim": Param(1024, "int", "Number of hashed histogram buckets.", minimum=1, maximum=1 << 20),
-        "statistics": Param(True, "bool", "Append node count, edge count, mean degree and max degree."),
-    }
-    multigraph = "parallel edges collapse into one edge; edge attributes are not read"
-    self_loops = "dropped: a self-loop changes neither the labels nor the statistics"
-    direction = "ignored: u->v and v->u are the same undirected edge"
-
-    def compute(self, graph_input: GraphInput, params: Mapping[str, Any]) -> np.ndarray:
-        attribute = params["node_attribute"]
-        dim = params["dim"]
-        iterations = params["iterations"]
-
-        simple = nx.Graph()
-        initial_labels: dict[Hashable, str] = {}
-        for node, data in graph_input.graph.nodes(data=True):
-            value = data.get(attribute)
-            if value is None:
-                raise _incompatible(
-                    f"{self.label} reads node attribute {attribute!r}, which node {node!r} lacks; "
-                    f"give every node a non-null {attribute!r}",
-                    field=f"graph.nodes.{attribute}",
-                    value=node,
-                    limit=f"node attribute {attribute!r}",
+        for end, node_id in enumerate(pair):
+            row = graph_input.index.get(node_id)
+            if row is None:
+                name = ("source", "target")[end]
+                raise GraphinferError(
+                    f"targets.edges[{position}].{name} is {node_id!r}, which is not a node of this "
+                    "graph; name nodes listed in graph.nodes",
+                    code="invalid_targets",
+                    details=[
+                        ErrorDetail(f"targets.edges[{position}].{name}", node_id, "an id in graph.nodes")
+                    ],
                 )
-            # A fixed-length hex digest keeps networkx's ASCII-only hashing
-            # working for any text, and makes its concatenated neighbour
-            # labels unambiguous from round 1 on.
-            initial_labels[node] = _digest(_attribute_text(value))
-            simple.add_node(node, wl_label=initial_labels[node])
-        simple.add_edges_from((u, v) for u, v, _ in _edges_between_distinct_nodes(graph_input.graph, None))
-
-        histogram = np.zeros(dim, dtype=np.float64)
-        for label in initial_labels.values():
-            histogram[_bucket(0, label, dim)] += 1.0
-        if iterations > 0 and simple.number_of_nodes() > 0:
-            subtree_hashes = nx.weisfeiler_lehman_subgraph_hashes(
-                simple, node_attr="wl_label", iterations=iterations
-            )
-            for node_hashes in subtree_hashes.values():
-                for round_index, label in enumerate(node_hashes, start=1):
-                    histogram[_bucket(round_index, label, dim)] += 1.0
-
-        if not params["statistics"]:
-            return histogram.reshape(1, -1)
-        degrees = [degree for _, degree in simple.degree()]
-        nodes = simple.number_of_nodes()
-        statistics = np.asarray(
-            [
-                nodes,
-                simple.number_of_edges(),
-                float(np.mean(degrees)) if nodes else 0.0,
-                float(max(degrees)) if nodes else 0.0,
-            ],
-            dtype=np.float64,
-        )
-        return np.concatenate([histogram, statistics]).reshape(1, -1)
+            rows[position, end] = row
+    return rows
 
 
-@REGISTRY.register
-class SimplifiedGraphConvolution(Extractor):
-    """Node features propagated ``hops`` times with S = D^-1 (A + I), as in SGC.
-
-    A is the symmetric adjacency of the undirected simple view, I adds one
-    self-loop per node, and D is the diagonal matrix of the row sums of A + I. The result is S^k X,
-    or [X, SX, ..., S^k X] with ``concat``. With ``normalize_features`` each
-    row of X is first divided by its sum (rows of zeros stay zero). A node's
-    row depends only on its ``hops``-hop neighbourhood, so a request holding
-    that ego subgraph gives its centre the same row as the whole graph.
-    """
-
-    name = "sgc"
-    version = 1
-    task = "node"
-    params: ClassVar[Mapping[str, Param]] = {
-        "hops": Param(2, "int", "Propagation steps k.", minimum=0, maximum=8),
-        "concat": Param(False, "bool", "Return [X, SX, ..., S^k X] instead of S^k X."),
-        "normalize_features": Param(False, "bool", "Divide each row of X by its sum first."),
-        "weight": Param(None, "str_or_null", "Edge attribute read as weight; null counts every edge as 1."),
-    }
-    multigraph = (
-        "parallel edges collapse into one edge of weight 1; with `weight` set, their weights are summed"
-    )
-    self_loops = (
-        "input self-loops are dropped; every node then gets exactly one self-loop "
-        "of weight 1 (the I in A + I)"
-    )
-    direction = (
-        "ignored: u->v links u and v both ways; with `weight` set, the weights of u->v and v->u are summed"
-    )
-
-    def compute(self, graph_input: GraphInput, params: Mapping[str, Any]) -> sp.csr_matrix:
-        if graph_input.number_of_nodes == 0:
-            # A graph without nodes has no feature dimension either, and no row to return.
-            return sp.csr_matrix((0, 0), dtype=np.float64)
-        if graph_input.features is None:
-            raise _incompatible(
-                f"{self.label} reads node features, but this graph's nodes have none; "
-                "give every node 'features'",
-                field="graph.nodes.features",
-                value=None,
-                limit="node features",
-            )
-        features = sp.csr_matrix(graph_input.features, dtype=np.float64)
-        size = features.shape[0]
-        hops = params["hops"]
-
-        if params["normalize_features"]:
-            row_sums = np.asarray(features.sum(axis=1)).ravel()
-            scale = np.divide(1.0, row_sums, out=np.zeros_like(row_sums), where=row_sums != 0)
-            features = sp.csr_matrix(sp.diags(scale) @ features)
-
-        # Huge weights may overflow while summing. The check below reports that
-        # as an input error, so numpy's overflow warning would only be noise.
-        with np.errstate(over="ignore"):
-            adjacency = undirected_adjacency(graph_input, params["weight"])
-            with_self_loops = adjacency + sp.identity(size, format="csr")
-            degrees = np.asarray(with_self_loops.sum(axis=1)).ravel()
-        if not np.all(np.isfinite(degrees)):
-            raise _incompatible(
-                f"the weighted degree of some node overflows to infinity with edge weights "
-                f"{params['weight']!r}; scale the weights down",
-                field=f"graph.edges.{params['weight']}",
-                value=None,
-                limit="weighted degrees below 1.8e308",
-            )
-        propagation = sp.csr_matrix(sp.diags(1.0 / degrees) @ with_self_loops)
-        propagation.sort_indices()
-
-        blocks = [features]
-        current = features
-        for _ in range(hops):
-            current = sp.csr_matrix(propagation @ current)
-            blocks.append(current)
-        if params["concat"]:
-            return sp.hstack(blocks, format="csr", dtype=np.float64)
-        return current
+# Registers the built-in extractors; they import the names above, so this comes last.
+from graphinfer.models.extractors import composite, edge, graph, node  # noqa: E402, F401

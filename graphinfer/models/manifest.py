@@ -24,6 +24,9 @@ class InputSignature(BaseModel):
     node_attributes: list[str] = Field(
         default_factory=list, description="Node attributes every node must carry, such as 'label'."
     )
+    edge_attributes: list[str] = Field(
+        default_factory=list, description="Edge attributes every edge must carry, such as 'weight'."
+    )
     directed: bool | None = Field(
         default=None, description="true or false when the model fits only that kind of graph; null for both."
     )

@@ -1,45 +1,35 @@
-"""Train the demo models ``mutag-wl`` and ``cora-sgc`` and publish them into a model repository.
+"""Train the demo models and publish them into a model repository.
+
+The demo models are ``mutag-wl`` (graph task), ``cora-sgc`` and
+``cora-links`` (node and edge tasks on Cora), ``otc-fraud`` (node task on
+Bitcoin OTC) and ``karate-club`` (node task on Zachary's karate club). This
+module trains the first two; the others are trained in
+:mod:`graphinfer.models.link_model`, :mod:`graphinfer.models.fraud_model` and
+:mod:`graphinfer.models.karate_model`.
 
 Features are computed through the same path the service uses: a v1 request
 dict, ``PredictRequest.model_validate``, ``build_graph`` and ``extract``, so
 a model receives the same feature values in training as in serving.
-
-Each version is written into a staging directory beside its final place and
-renamed into place only when complete, so a scanner never finds half a model.
-An existing version directory is never overwritten: :func:`train_demo` skips
-that model and returns the manifest already there.
+Publishing (see :mod:`graphinfer.models.publishing`) never overwrites an
+existing version: :func:`train_demo` skips that model and returns the
+manifest already there.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import logging
-import os
-import platform
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from importlib import resources
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import joblib
-import networkx
 import numpy as np
-import scipy
-import sklearn
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
-import graphinfer
+from graphinfer.models import fraud_model, karate_model, link_model
 from graphinfer.models.datasets import (
     CORA_FILE,
-    DATA_PACKAGE,
     MUTAG_FILE,
     CoraData,
     cora_ego_request,
@@ -50,29 +40,39 @@ from graphinfer.models.datasets import (
     mutag_holdout_split,
     mutag_request,
 )
+from graphinfer.models.evaluation import accuracy, node_predictions, serve
 from graphinfer.models.features import extract
 from graphinfer.models.graph import build_graph
-from graphinfer.models.manifest import (
-    ARTIFACT_NAME,
-    MANIFEST_NAME,
-    FeatureSpec,
-    InputSignature,
-    Manifest,
-    Metric,
-    OutputSpec,
-    TrainingInfo,
+from graphinfer.models.manifest import FeatureSpec, InputSignature, Manifest, Metric, TrainingInfo
+from graphinfer.models.publishing import (
+    DEMO_VERSION,
+    STAGING_PREFIX,
+    Progress,
+    TrainedModel,
+    data_source,
+    existing_manifest,
+    ignore_progress,
+    library_versions,
+    publish,
 )
-from graphinfer.models.repository import read_manifest
+from graphinfer.models.repository import load_estimator, scan
 from graphinfer.models.schema import PredictRequest
 
-logger = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
+__all__ = [
+    "CORA_MODEL",
+    "DEMO_MODELS",
+    "DEMO_VERSION",
+    "MUTAG_MODEL",
+    "STAGING_PREFIX",
+    "TrainedModel",
+    "library_versions",
+    "publish",
+    "reproduce_metrics",
+    "train_demo",
+]
 
 MUTAG_MODEL = "mutag-wl"
 CORA_MODEL = "cora-sgc"
-DEMO_VERSION = 1
-STAGING_PREFIX = ".staging-"
 
 # Parameters are written out in full, so a manifest stays self-describing
 # even if a later release changes an extractor's defaults.
@@ -93,47 +93,46 @@ CORA_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 MAX_ITER = 5000
 
 
-@dataclass(frozen=True)
-class TrainedModel:
-    """A fitted estimator and every manifest field except checksum and creation time."""
-
-    name: str
-    task: Literal["node", "edge", "graph"]
-    description: str
-    estimator: Any
-    input: InputSignature
-    features: FeatureSpec
-    training: TrainingInfo
-    metrics: dict[str, Metric]
-
-    @property
-    def class_names(self) -> list[str]:
-        return [str(name) for name in self.estimator.classes_]
-
-
 def train_demo(repository: Path, *, seed: int = 0, progress: Progress | None = None) -> list[Manifest]:
-    """Train ``mutag-wl`` and ``cora-sgc`` as version 1 under ``repository``.
+    """Train the demo models as version 1 under ``repository``.
 
-    Returns their manifests in that order. A model whose version directory
-    already exists is not retrained: its manifest is read and returned as is,
-    and :class:`graphinfer.models.repository.ModelRefused` is raised when that
+    Returns their manifests in the order of :data:`DEMO_MODELS`. A model
+    whose version directory already exists is not retrained: its manifest is
+    read and returned as is, and
+    :class:`graphinfer.models.repository.ModelRefused` is raised when that
     manifest is missing or invalid. ``progress`` receives one line per step.
     """
-    report = progress or _ignore
+    report = progress or ignore_progress
     repository = Path(repository)
-    trainers: Sequence[tuple[str, Callable[[int, Progress], TrainedModel]]] = (
-        (MUTAG_MODEL, train_mutag),
-        (CORA_MODEL, train_cora),
-    )
     manifests = []
-    for name, trainer in trainers:
+    for name, trainer in TRAINERS.items():
         target = repository / name / str(DEMO_VERSION)
         if target.exists():
-            manifests.append(_existing_manifest(target, report))
+            manifests.append(existing_manifest(target, report))
             continue
         trained = trainer(seed, report)
         manifests.append(publish(repository, DEMO_VERSION, trained, report))
     return manifests
+
+
+def reproduce_metrics(repository: Path) -> dict[str, dict[str, float]]:
+    """Recompute the held-out metrics of the demo models served from ``repository``.
+
+    Each model's estimator is loaded as a pool process loads it
+    (:func:`graphinfer.models.repository.load_estimator`) and scored on its
+    held-out requests through :func:`graphinfer.models.evaluation.serve`,
+    with the split seed recorded in its manifest. Returns the metrics by
+    model name; a metric that needs retraining, such as cross-validation, is
+    not included.
+    """
+    catalog = scan(Path(repository))
+    metrics = {}
+    for entry in catalog.serving():
+        evaluator = EVALUATORS.get(entry.name)
+        if evaluator is not None:
+            estimator = load_estimator(entry, frozenset())
+            metrics[entry.name] = evaluator(entry.manifest, estimator)
+    return metrics
 
 
 def train_mutag(seed: int, progress: Progress) -> TrainedModel:
@@ -181,7 +180,7 @@ def train_mutag(seed: int, progress: Progress) -> TrainedModel:
         features=MUTAG_FEATURES,
         training=TrainingInfo(
             dataset="MUTAG (TU Dortmund graph benchmarks), 188 graphs",
-            source=_data_source(MUTAG_FILE),
+            source=data_source(MUTAG_FILE),
             split=split,
             seed=seed,
             train_size=len(train_records),
@@ -258,7 +257,7 @@ def train_cora(seed: int, progress: Progress) -> TrainedModel:
         features=CORA_FEATURES,
         training=TrainingInfo(
             dataset="Cora (LINQS) with the Planetoid split, 2,708 papers",
-            source=_data_source(CORA_FILE),
+            source=data_source(CORA_FILE),
             split=(
                 f"Planetoid: fitted on {len(train_nodes)} train nodes, C chosen on "
                 f"{len(val_nodes)} val nodes from {list(CORA_C_GRID)}, scored on "
@@ -284,87 +283,29 @@ def train_cora(seed: int, progress: Progress) -> TrainedModel:
     )
 
 
-def publish(
-    repository: Path, version: int, trained: TrainedModel, progress: Progress | None = None
-) -> Manifest:
-    """Write ``trained`` as ``repository/NAME/VERSION`` through a staging directory.
-
-    The artifact and manifest go into ``NAME/.staging-VERSION-*`` first, which
-    is renamed to ``NAME/VERSION`` once both are on disk. The staging
-    directory is removed on any failure. When the version directory appears
-    meanwhile, the staging copy is dropped and the existing manifest returned.
-    """
-    report = progress or _ignore
-    model_dir = Path(repository) / trained.name
-    target = model_dir / str(version)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_dir))
-    try:
-        # mkdtemp creates the directory with mode 0700, but workers that run as
-        # another user must be able to read the published version.
-        os.chmod(staging, 0o755)
-        artifact = _serialise(trained.estimator)
-        _write_file(staging / ARTIFACT_NAME, artifact)
-        digest = hashlib.sha256(artifact).hexdigest()
-        report(f"{trained.name}: wrote {ARTIFACT_NAME}, {len(artifact)} bytes, sha256 {digest}")
-
-        manifest = Manifest(
-            name=trained.name,
-            version=version,
-            task=trained.task,
-            description=trained.description,
-            input=trained.input,
-            features=trained.features,
-            output=OutputSpec(kind="classes", class_names=trained.class_names),
-            artifact=ARTIFACT_NAME,
-            sha256=digest,
-            training=trained.training,
-            metrics=trained.metrics,
-            library_versions=library_versions(),
-            created_at=datetime.now(UTC),
-        )
-        _write_file(staging / MANIFEST_NAME, (manifest.model_dump_json(indent=2) + "\n").encode())
-        _fsync_directory(staging)
-
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-            return _existing_manifest(target, report)
-        _fsync_directory(model_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-    logger.info("published model=%s version=%s path=%s sha256=%s", manifest.name, version, target, digest)
-    report(f"{trained.name}: published version {version} at {target}")
-    return manifest
+def evaluate_mutag(manifest: Manifest, estimator: Any) -> dict[str, float]:
+    """Return ``holdout_accuracy`` of ``mutag-wl`` on its held-out graphs, through the engine."""
+    seed = _recorded_seed(manifest)
+    _, test_records = mutag_holdout_split(load_mutag(), seed=seed, test_fraction=MUTAG_TEST_FRACTION)
+    requests = [mutag_request(record, f"mutag-{record['id']}") for record in test_records]
+    outputs = serve(manifest, estimator, requests)
+    predicted = [output["label"] for output in outputs]
+    return {"holdout_accuracy": accuracy(predicted, [mutag_class_name(record) for record in test_records])}
 
 
-def library_versions() -> dict[str, str]:
-    """Return the versions of the libraries whose behaviour a trained model depends on."""
-    return {
-        "python": platform.python_version(),
-        "graphinfer": graphinfer.__version__,
-        "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "networkx": networkx.__version__,
-        "joblib": joblib.__version__,
-    }
+def evaluate_cora(manifest: Manifest, estimator: Any) -> dict[str, float]:
+    """Return ``test_accuracy`` of ``cora-sgc`` on the Planetoid test nodes, through the engine."""
+    cora = load_cora()
+    test_nodes = [int(node) for node in cora.split_nodes("test")]
+    hops = manifest.features.params["hops"]
+    requests = [cora_ego_request(cora, node, f"cora-{node}", hops=hops) for node in test_nodes]
+    predictions = node_predictions(serve(manifest, estimator, requests))
+    predicted = [predictions[node]["label"] for node in test_nodes]
+    return {"test_accuracy": accuracy(predicted, [cora.class_name(node) for node in test_nodes])}
 
 
-def _ignore(message: str) -> None:
-    """Discard a progress line when the caller passed no ``progress``."""
-
-
-def _existing_manifest(target: Path, progress: Progress) -> Manifest:
-    manifest = read_manifest(target)
-    logger.info("model version exists, not retrained model=%s path=%s", manifest.name, target)
-    progress(f"{manifest.name}: version {manifest.version} already exists at {target}; skipped")
-    return manifest
+def _recorded_seed(manifest: Manifest) -> int:
+    return manifest.training.seed if manifest.training.seed is not None else 0
 
 
 def _mutag_estimator() -> Pipeline:
@@ -401,28 +342,24 @@ def _cora_ego_features(cora: CoraData, nodes: np.ndarray) -> np.ndarray:
     return np.vstack(rows)
 
 
-def _data_source(file_name: str) -> str:
-    data = resources.files(DATA_PACKAGE).joinpath(file_name).read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    return f"{DATA_PACKAGE.replace('.', '/')}/{file_name} (sha256 {digest}); see DATA.md"
+Trainer = Callable[[int, Progress], TrainedModel]
+Evaluator = Callable[[Manifest, Any], dict[str, float]]
 
+#: The demo models in training order, each with its trainer.
+TRAINERS: Mapping[str, Trainer] = {
+    MUTAG_MODEL: train_mutag,
+    CORA_MODEL: train_cora,
+    link_model.MODEL: link_model.train_cora_links,
+    fraud_model.MODEL: fraud_model.train_otc_fraud,
+    karate_model.MODEL: karate_model.train_karate,
+}
+DEMO_MODELS: Sequence[str] = tuple(TRAINERS)
 
-def _serialise(estimator: Any) -> bytes:
-    buffer = io.BytesIO()
-    joblib.dump(estimator, buffer)
-    return buffer.getvalue()
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+#: The function that recomputes each demo model's held-out metrics from its published files.
+EVALUATORS: Mapping[str, Evaluator] = {
+    MUTAG_MODEL: evaluate_mutag,
+    CORA_MODEL: evaluate_cora,
+    link_model.MODEL: link_model.evaluate_cora_links,
+    fraud_model.MODEL: fraud_model.evaluate_otc_fraud,
+    karate_model.MODEL: karate_model.evaluate_karate,
+}
