@@ -15,6 +15,7 @@ import os
 import socket
 from typing import Any, cast
 
+import asyncpg
 import faust
 from faust.types import TP
 
@@ -23,6 +24,7 @@ from graphinfer.models.pool import InferencePool
 from graphinfer.models.repository import ModelCatalog, scan
 from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
+from graphinfer.storage.deployments import HEARTBEAT_INTERVAL_S
 from graphinfer.streams.driver import effective_fetch_max_wait_ms, transport_class
 from graphinfer.streams.processor import BatchProcessor, Message, Topics
 
@@ -219,6 +221,17 @@ def create_app(settings: Settings) -> GraphinferApp:
             await processor.process([_message(event) for event in events])
             for event in events:
                 await stream.ack(event)
+
+    @app.timer(HEARTBEAT_INTERVAL_S)
+    async def heartbeat() -> None:
+        # The gateway checks requested models against workers whose heartbeat is recent.
+        database = app.runtime.database
+        if database is None:
+            return
+        try:
+            await database.heartbeat_deployments(app.runtime.name)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            logger.warning("deployment heartbeat failed worker=%s error=%r", app.runtime.name, exc)
 
     return app
 
