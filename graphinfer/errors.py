@@ -31,7 +31,7 @@ ERROR_CODES: Mapping[str, int] = {
     "model_timeout": 502,
     "model_out_of_memory": 502,
     "internal": 500,
-    # Answered by the HTTP gateway only, never in a reply on Kafka.
+    # Returned by the HTTP gateway only, never in a reply on Kafka.
     "unauthorized": 401,
     "not_found": 404,
     "too_many_requests": 429,

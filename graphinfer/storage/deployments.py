@@ -1,4 +1,4 @@
-"""What live workers serve, read from ``model_deployments``.
+"""Model versions of live workers, read from ``model_deployments``.
 
 Each worker replaces its rows at start and refreshes their ``heartbeat_at``
 every :data:`HEARTBEAT_INTERVAL_S`. A worker whose heartbeat is older than
