@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from graphinfer.models import datasets
 from tests.conftest import WorkerProcess
@@ -307,3 +308,34 @@ async def test_readyz_and_metrics(
         )
         >= 1
     )
+
+
+async def test_duplicate_and_foreign_replies_ignored(
+    gateway: GatewayProcess, client: httpx.AsyncClient, mutag_record: dict, unique_id: str
+) -> None:
+    # Runs last in this module: it puts a foreign reply on the replica's partition on purpose.
+    response = await client.post("/v1/predict", json=datasets.mutag_request(mutag_record, unique_id))
+    assert response.status_code == 200
+    partition = (await client.get("/readyz")).json()["reply_partition"]
+    duplicates = await gateway.metric_async("graphinfer_gateway_replies_total", outcome="duplicate")
+    foreign = await gateway.metric_async("graphinfer_gateway_replies_total", outcome="foreign")
+
+    producer = AIOKafkaProducer(bootstrap_servers=gateway.environment["GRAPHINFER_KAFKA_BOOTSTRAP_SERVERS"])
+    await producer.start()
+    try:
+        topic = gateway.environment["GRAPHINFER_REPLY_TOPIC"]
+        await producer.send_and_wait(topic, response.content, key=unique_id.encode(), partition=partition)
+        await producer.send_and_wait(topic, b"{}", key=b"sent-by-nobody-here", partition=partition)
+    finally:
+        await producer.stop()
+
+    for _ in range(200):
+        if await gateway.metric_async("graphinfer_gateway_replies_total", outcome="foreign") > foreign:
+            break
+        await asyncio.sleep(0.05)
+    assert (
+        await gateway.metric_async("graphinfer_gateway_replies_total", outcome="duplicate") == duplicates + 1
+    )
+    assert await gateway.metric_async("graphinfer_gateway_replies_total", outcome="foreign") == foreign + 1
+    assert await gateway.metric_async("graphinfer_gateway_pending_replies") == 0
+    assert (await client.get(f"/v1/requests/{unique_id}")).json() == response.json()

@@ -45,7 +45,7 @@ from graphinfer.streams.processor import REPLY_PARTITION_HEADER, TRACEPARENT_HEA
 logger = logging.getLogger(__name__)
 
 _RETRY_MIN_S = 0.5
-_RETRY_MAX_S = 5.0
+_RETRY_MAX_S = 2.0
 _LEASE_CHECK_INTERVAL_S = 2.0
 _MODEL_CACHE_S = 2.0
 _DATABASE_CHECK_TIMEOUT_S = 2.0
