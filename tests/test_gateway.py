@@ -276,6 +276,27 @@ async def test_models_lists_live_deployments(client: httpx.AsyncClient) -> None:
     assert models[("cora-sgc", 1)]["task"] == "node"
 
 
+async def test_stale_deployment_is_not_served(
+    client: httpx.AsyncClient, kafka: KafkaTestClient, mutag_record: dict, unique_id: str
+) -> None:
+    # A worker that stopped heartbeating minutes ago no longer counts.
+    [row] = await kafka.fetch("SELECT manifest FROM model_deployments WHERE model = 'mutag-wl' LIMIT 1")
+    await kafka.fetch(
+        """
+        INSERT INTO model_deployments
+            (worker, model, version, sha256, task, manifest, serving, loaded_at, heartbeat_at)
+        VALUES ('gone@host:1', 'retired-model', 1, repeat('0', 64), 'graph', $1, true,
+                now() - interval '1 hour', now() - interval '10 minutes')
+        """,
+        row["manifest"],
+    )
+    models = (await client.get("/v1/models")).json()["models"]
+    assert "retired-model" not in {item["model"] for item in models}
+
+    request = {**datasets.mutag_request(mutag_record, unique_id), "models": ["retired-model"]}
+    assert_error(await client.post("/v1/predict", json=request), 422, "unknown_model")
+
+
 async def test_openapi_uses_v1_schemas(gateway: GatewayProcess) -> None:
     async with httpx.AsyncClient(base_url=gateway.url) as anonymous:
         schema = (await anonymous.get("/openapi.json")).json()
