@@ -31,6 +31,12 @@ ERROR_CODES: Mapping[str, int] = {
     "model_timeout": 502,
     "model_out_of_memory": 502,
     "internal": 500,
+    # Returned by the HTTP gateway only, never in a reply on Kafka.
+    "unauthorized": 401,
+    "not_found": 404,
+    "too_many_requests": 429,
+    "unavailable": 503,
+    "reply_timeout": 504,
 }
 
 _MAX_VALUE_CHARS = 200

@@ -166,7 +166,11 @@ class Settings(BaseSettings):
     gateway_port: int = Field(default=8000, ge=0, le=65_535)
     """Port the gateway listens on (default 8000)."""
     gateway_timeout_s: float = Field(default=30.0, gt=0, le=3600)
-    """Seconds ``POST /v1/predict`` waits for the reply before answering 504 (default 30)."""
+    """Seconds ``POST /v1/predict`` waits for the reply before it returns 504 (default 30)."""
+    gateway_max_timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    """Largest ``timeout_s`` a caller may set on ``POST /v1/predict``, in seconds (default 300)."""
+    gateway_max_in_flight: int = Field(default=512, ge=1, le=100_000)
+    """Maximum requests one gateway replica handles at once; more get 429 (default 512)."""
     api_keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
     """API key to tenant map, ``tenant=key`` pairs separated by commas; empty runs the gateway open."""
     worker_metrics_port: int = Field(default=0, ge=0, le=65_535)

@@ -1,310 +1,344 @@
-"""The HTTP gateway: HTTP requests in, messages on the request topic out.
+"""The gateway's HTTP API: FastAPI routes over :class:`~graphinfer.api.gateway.Gateway`.
 
-The gateway never runs models. It validates a request, stores it as
-``pending`` with its request hash, publishes it keyed by its ``request_id``
-and reads the outcome the worker stores in PostgreSQL, so HTTP and Kafka
-callers get the same answers and the same rows.
+``/v1`` endpoints need ``Authorization: Bearer KEY`` when
+``GRAPHINFER_API_KEYS`` is set; ``/healthz``, ``/readyz``, ``/metrics`` and
+the OpenAPI documents stay open.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-import asyncpg
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from graphinfer.errors import ERROR_CODES, ErrorDetail, GraphinferError, RequestRejected
-from graphinfer.models.decode import Limits, check_size, parse_json, request_hash, validate_document
+from graphinfer.api.auth import ApiKeys
+from graphinfer.api.gateway import ClientDisconnected, Gateway
+from graphinfer.api.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, MetricsMiddleware
+from graphinfer.api.responses import (
+    ErrorReply,
+    ModelList,
+    ReadinessReport,
+    ServedModel,
+    error_body,
+    install_error_handlers,
+    reply_status,
+)
+from graphinfer.errors import ErrorDetail, GraphinferError
+from graphinfer.models.schema import PredictReply, PredictRequest
 from graphinfer.settings import Settings
-from graphinfer.storage.db import Database
+from graphinfer.storage import requests as stored_requests
 
 logger = logging.getLogger(__name__)
 
-STATUS_HTTP = {"ok": 200, "partial": 200, "failed": 502, "expired": 504, "pending": 200}
-_POLL_MAX_INTERVAL_S = 0.1
+# A status that no client reads: the client closed the connection first.
+CLIENT_CLOSED_REQUEST = 499
+_GRACEFUL_SHUTDOWN_S = 10
+
+_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorReply, "description": description}
+    for status, description in {
+        400: "invalid_encoding or invalid_json",
+        401: "unauthorized: missing or unknown API key",
+        409: "request_id_conflict: the id was used for another request",
+        413: "message_too_large: the body is over GRAPHINFER_MAX_MESSAGE_BYTES",
+        422: "the request is invalid; error.details names the field and the limit",
+        429: "too_many_requests: over GRAPHINFER_GATEWAY_MAX_IN_FLIGHT; see Retry-After",
+        503: "unavailable: the broker or database does not answer, or no reply partition is leased",
+    }.items()
+}
+
+_bearer = HTTPBearer(auto_error=False, description="A key from GRAPHINFER_API_KEYS")
 
 
-def _error_response(error: GraphinferError, request_id: str | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"request_id": request_id, "status": "rejected", "error": error.to_dict()}
-    return JSONResponse(body, status_code=error.http_status)
+async def authenticate(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str | None:
+    """Return the caller's tenant, None when the gateway runs open; raise ``unauthorized`` otherwise."""
+    keys: ApiKeys = request.app.state.api_keys
+    return keys.authenticate(credentials.credentials if credentials is not None else None)
 
 
-def _reply_response(reply: dict[str, Any]) -> JSONResponse:
-    status = reply["status"]
-    if status == "rejected":
-        code = (reply.get("error") or {}).get("code", "invalid_request")
-        http_status = ERROR_CODES.get(code, 422)
-    else:
-        http_status = STATUS_HTTP.get(status, 200)
-    return JSONResponse(reply, status_code=http_status)
-
-
-class Gateway:
-    """Holds the gateway's producer and database pool for the app's lifetime."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.limits = Limits(
-            max_message_bytes=settings.max_message_bytes,
-            max_nodes=settings.max_nodes,
-            max_edges=settings.max_edges,
-            max_targets=settings.max_targets,
-        )
-        self.database: Database | None = None
-        self.producer: AIOKafkaProducer | None = None
-
-    async def start(self) -> None:
-        self.database = await Database.connect(
-            self.settings.dsn, timeout_s=self.settings.database_connect_timeout_s
-        )
-        self.producer = AIOKafkaProducer(
-            **self.settings.kafka_client_options(),
-            client_id=f"{self.settings.app_id}-gateway",
-            max_request_size=self.settings.max_message_bytes + 65_536,
-        )
-        await self.producer.start()
-
-    async def stop(self) -> None:
-        if self.producer is not None:
-            await self.producer.stop()
-        if self.database is not None:
-            await self.database.close()
-
-    async def read_body(self, request: Request) -> bytes:
-        """Read the body, stopping at the size limit even without a Content-Length."""
-        limit = self.limits.max_message_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            check_size(b"\0" * (limit + 1), self.limits)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestRejected(
-                    f"the body is over {limit:,} bytes (GRAPHINFER_MAX_MESSAGE_BYTES); send a smaller graph",
-                    code="message_too_large",
-                    details=[ErrorDetail("body", f"more than {limit}", limit)],
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def submit(self, raw: bytes) -> tuple[str, dict[str, Any] | None]:
-        """Validate, store as pending and publish; return the id and a stored reply if it already exists."""
-        assert self.database is not None and self.producer is not None
-        document = parse_json(raw)
-        if isinstance(document, dict) and document.get("request_id") is None:
-            document["request_id"] = uuid.uuid4().hex
-        decoded = validate_document(document, self.limits)
-        request_id = decoded.request.request_id
-        assert request_id is not None
-        digest = request_hash(decoded)
-
-        stored = (await self.database.fetch_requests([request_id])).get(request_id)
-        if stored is not None:
-            if stored.request_hash != digest:
-                raise GraphinferError(
-                    f"request_id {request_id!r} was already used for a different request; send a new request_id",
-                    code="request_id_conflict",
-                    details=[ErrorDetail("request_id", request_id, "unused, or the same request")],
-                )
-            if stored.status != "pending":
-                return request_id, stored.reply
-            return request_id, None
-
-        await self.database.pool.execute(
-            """
-            INSERT INTO inference_requests
-                (request_id, request_hash, status, source, task, metadata, received_at)
-            VALUES ($1, $2, 'pending', 'online', $3, $4, $5)
-            ON CONFLICT (request_id) DO NOTHING
-            """,
-            request_id,
-            digest,
-            decoded.request.task,
-            dict(decoded.request.metadata),
-            datetime.now(UTC),
-        )
-        body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        await self.producer.send_and_wait(
-            self.settings.request_topic, body, key=request_id.encode(), headers=[("graphinfer-schema", b"1")]
-        )
-        return request_id, None
-
-    async def stored_reply(self, request_id: str) -> tuple[str, dict[str, Any] | None] | None:
-        assert self.database is not None
-        row = await self.database.pool.fetchrow(
-            "SELECT status, reply FROM inference_requests WHERE request_id = $1", request_id
-        )
-        return None if row is None else (row["status"], row["reply"])
-
-    async def wait_for_reply(self, request_id: str, timeout_s: float) -> dict[str, Any] | None:
-        # NOTE: this polls PostgreSQL with a growing interval (capped at 100 ms);
-        # it is correct with any number of replicas but adds up to one interval
-        # of latency. Reading replies from a leased graph-replies partition
-        # removes the polling.
-        deadline = time.monotonic() + timeout_s
-        interval = 0.005
-        while time.monotonic() < deadline:
-            found = await self.stored_reply(request_id)
-            if found is not None and found[0] != "pending":
-                return found[1]
-            await asyncio.sleep(interval)
-            interval = min(interval * 2, _POLL_MAX_INTERVAL_S)
-        return None
+Tenant = Annotated[str | None, Depends(authenticate)]
 
 
 def create_app(settings: Settings) -> FastAPI:
-    gateway = Gateway(settings)
+    """Build the gateway app; connections open in the background when it starts."""
+    metrics = GatewayMetrics()
+    gateway = Gateway(settings, metrics)
+    keys = ApiKeys(settings.api_keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not keys.enabled:
+            logger.warning(
+                "GRAPHINFER_API_KEYS is empty: the gateway accepts requests without an API key; "
+                "set tenant=key pairs to require one"
+            )
         await gateway.start()
-        logger.info("gateway ready request_topic=%s", settings.request_topic)
+        logger.info(
+            "gateway started request_topic=%s reply_topic=%s", settings.request_topic, settings.reply_topic
+        )
         try:
             yield
         finally:
             await gateway.stop()
 
-    app = FastAPI(title="graphinfer", version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="graphinfer gateway",
+        version="1",
+        summary="Graph inference over HTTP; every request goes through Kafka and the workers.",
+        lifespan=lifespan,
+    )
     app.state.gateway = gateway
+    app.state.api_keys = keys
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    @app.exception_handler(GraphinferError)
-    async def _graphinfer_error(request: Request, exc: GraphinferError) -> JSONResponse:
-        return _error_response(exc)
+    v1 = APIRouter(prefix="/v1", responses={401: _ERRORS[401]})
 
-    @app.exception_handler(asyncpg.PostgresError)
-    async def _database_error(request: Request, exc: asyncpg.PostgresError) -> JSONResponse:
-        logger.exception("database error path=%s", request.url.path)
-        return _error_response(
-            GraphinferError("the database failed this request; retry later", code="internal")
-        )
+    @v1.post(
+        "/predict",
+        response_model=PredictReply,
+        responses={**_ERRORS, 502: {"model": PredictReply}, 504: {"model": PredictReply}},
+        openapi_extra=_REQUEST_BODY,
+        summary="Run a request and wait for its reply",
+    )
+    async def predict(
+        request: Request,
+        tenant: Tenant,
+        timeout_s: Annotated[
+            float | None,
+            Query(gt=0, description="Seconds to wait for the reply (default GRAPHINFER_GATEWAY_TIMEOUT_S)"),
+        ] = None,
+    ) -> Response:
+        wait_s = _reply_timeout(settings, timeout_s)
+        async with gateway.admit():
+            gateway.check_ready()
+            raw = await read_body(request, settings.max_message_bytes)
+            submission = await gateway.submit(
+                raw, tenant, wait=True, traceparent=request.headers.get("traceparent")
+            )
+            if submission.reply is not None:
+                metrics.waits.labels("stored").inc()
+                return JSONResponse(submission.reply, status_code=reply_status(submission.reply))
+            try:
+                reply = await gateway.wait_for_reply(submission, wait_s, request.receive)
+            except ClientDisconnected:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if reply is None:
+            return _timeout_response(submission.request_id, wait_s)
+        return JSONResponse(reply, status_code=reply_status(reply))
 
-    @app.exception_handler(KafkaError)
-    async def _kafka_error(request: Request, exc: KafkaError) -> JSONResponse:
-        logger.exception("broker error path=%s", request.url.path)
-        return _error_response(
-            GraphinferError("the broker failed this request; retry later", code="internal")
-        )
+    @v1.post(
+        "/requests",
+        status_code=202,
+        response_model=PredictReply,
+        responses=_ERRORS,
+        openapi_extra=_REQUEST_BODY,
+        summary="Accept a request; poll its Location for the reply",
+    )
+    async def submit_request(request: Request, tenant: Tenant) -> Response:
+        async with gateway.admit():
+            gateway.check_ready()
+            raw = await read_body(request, settings.max_message_bytes)
+            submission = await gateway.submit(
+                raw, tenant, wait=False, traceparent=request.headers.get("traceparent")
+            )
+        body = submission.reply or pending_reply(submission.request_id)
+        location = f"/v1/requests/{submission.request_id}"
+        return JSONResponse(body, status_code=202, headers={"Location": location})
 
-    @app.get("/healthz")
+    @v1.get(
+        "/requests/{request_id}",
+        response_model=PredictReply,
+        responses={404: {"model": ErrorReply}, 503: _ERRORS[503]},
+        summary="The stored reply of a request, or status pending",
+    )
+    async def get_request(request_id: str, tenant: Tenant) -> Response:
+        database, _ = gateway.connections()
+        state = await stored_requests.fetch_state(database, request_id)
+        if state is None or (keys.enabled and state.tenant != tenant):
+            raise GraphinferError(
+                f"no request with request_id {request_id!r} was received from this API key; check the id",
+                code="not_found",
+                details=[ErrorDetail("request_id", request_id, "an id this API key sent")],
+            )
+        if state.status == "pending" or state.reply is None:
+            return JSONResponse(
+                pending_reply(
+                    request_id,
+                    source=state.source,
+                    metadata=state.metadata,
+                    received_at=state.received_at.isoformat(),
+                )
+            )
+        return JSONResponse(state.reply)
+
+    @v1.get(
+        "/models", response_model=ModelList, responses={503: _ERRORS[503]}, summary="Models of live workers"
+    )
+    async def list_models(tenant: Tenant) -> ModelList:
+        models = [
+            ServedModel(
+                model=deployment.model,
+                version=deployment.version,
+                task=deployment.task,  # type: ignore[arg-type]
+                serving=deployment.serving,
+                sha256=deployment.sha256,
+                workers=deployment.workers,
+                input=deployment.manifest.get("input"),
+                features=deployment.manifest.get("features"),
+                metrics=deployment.manifest.get("metrics") or {},
+            )
+            for deployment in await gateway.deployments()
+        ]
+        return ModelList(models=models)
+
+    app.include_router(v1)
+
+    @app.get("/healthz", summary="The process answers")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=ReadinessReport, responses={503: {"model": ReadinessReport}})
     async def readyz() -> JSONResponse:
-        problems = []
-        try:
-            assert gateway.database is not None
-            await gateway.database.pool.fetchval("SELECT 1")
-        except (AssertionError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            problems.append(f"database: {exc!r}")
-        if gateway.producer is None:
-            problems.append("broker: producer not started")
+        problems = await gateway.readiness()
+        report: dict[str, Any] = {
+            "status": "not_ready" if problems else "ready",
+            "reply_partition": gateway.router.partition if gateway.lease.partition is not None else None,
+            "problems": problems,
+        }
         if problems:
-            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
-        return JSONResponse({"status": "ready"})
+            reasons = "; ".join(f"{name}: {problem}" for name, problem in sorted(problems.items()))
+            error = GraphinferError(f"not ready: {reasons}", code="unavailable")
+            report["error"] = error_body(error)["error"]
+            return JSONResponse(report, status_code=503)
+        return JSONResponse(report)
 
-    @app.post("/v1/requests", status_code=202)
-    async def submit_request(request: Request) -> Response:
-        raw = await gateway.read_body(request)
-        request_id, reply = await gateway.submit(raw)
-        location = f"/v1/requests/{request_id}"
-        body = {"request_id": request_id, "status": reply["status"] if reply else "pending"}
-        return JSONResponse(body, status_code=202, headers={"Location": location})
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics_text() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/requests/{request_id}")
-    async def get_request(request_id: str) -> Response:
-        found = await gateway.stored_reply(request_id)
-        if found is None:
-            error = GraphinferError(
-                f"no request with request_id {request_id!r} was received; check the id",
-                code="invalid_request",
-                details=[ErrorDetail("request_id", request_id, "an id that was sent")],
-            )
-            return JSONResponse(
-                {"request_id": request_id, "status": "rejected", "error": error.to_dict()}, status_code=404
-            )
-        status, reply = found
-        if status == "pending" or reply is None:
-            return JSONResponse({"request_id": request_id, "status": "pending"}, status_code=200)
-        return JSONResponse(reply, status_code=200)
-
-    @app.post("/v1/predict")
-    async def predict(request: Request) -> Response:
-        raw = await gateway.read_body(request)
-        request_id, reply = await gateway.submit(raw)
-        if reply is None:
-            reply = await gateway.wait_for_reply(request_id, settings.gateway_timeout_s)
-        if reply is None:
-            return JSONResponse(
-                {
-                    "request_id": request_id,
-                    "status": "pending",
-                    "error": {
-                        "code": "expired",
-                        "message": f"no reply within {settings.gateway_timeout_s} s (GRAPHINFER_GATEWAY_TIMEOUT_S); "
-                        f"the request is kept, so poll GET /v1/requests/{request_id}",
-                        "details": [],
-                    },
-                },
-                status_code=504,
-            )
-        return _reply_response(reply)
-
-    @app.get("/v1/models")
-    async def list_models() -> JSONResponse:
-        assert gateway.database is not None
-        rows = await gateway.database.pool.fetch(
-            """
-            SELECT DISTINCT ON (model, version) model, version, task, sha256, manifest, serving
-            FROM model_deployments
-            WHERE heartbeat_at > now() - interval '10 minutes'
-            ORDER BY model, version, heartbeat_at DESC
-            """
-        )
-        models = [
-            {
-                "model": row["model"],
-                "version": row["version"],
-                "task": row["task"],
-                "serving": row["serving"],
-                "input": row["manifest"].get("input"),
-                "features": row["manifest"].get("features"),
-                "metrics": row["manifest"].get("metrics"),
-            }
-            for row in rows
-        ]
-        return JSONResponse({"models": models})
-
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
-async def preflight(settings: Settings) -> None:
-    """Fail fast, naming the setting, when the broker or the database does not answer."""
-    from graphinfer.broker import connect_admin
+def pending_reply(
+    request_id: str,
+    *,
+    source: str = "online",
+    metadata: dict[str, str] | None = None,
+    received_at: str | None = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build the v1 reply of a request that the worker has not finished yet."""
+    return {
+        "request_id": request_id,
+        "status": "pending",
+        "source": source,
+        "replay_run_id": None,
+        "metadata": metadata or {},
+        "results": [],
+        "skipped": [],
+        "error": error,
+        "received_at": received_at,
+        "completed_at": None,
+    }
 
-    admin = await connect_admin(settings)
-    await admin.close()
-    database = await Database.connect(settings.dsn, min_size=0, max_size=1)
-    await database.close()
+
+def _reply_timeout(settings: Settings, timeout_s: float | None) -> float:
+    if timeout_s is None:
+        return settings.gateway_timeout_s
+    if timeout_s > settings.gateway_max_timeout_s:
+        raise GraphinferError(
+            f"timeout_s {timeout_s:g} is over the limit of {settings.gateway_max_timeout_s:g} s "
+            "(GRAPHINFER_GATEWAY_MAX_TIMEOUT_S); ask for a shorter wait or poll GET /v1/requests/{request_id}",
+            code="invalid_request",
+            details=[ErrorDetail("timeout_s", timeout_s, settings.gateway_max_timeout_s)],
+        )
+    return timeout_s
+
+
+def _timeout_response(request_id: str, timeout_s: float) -> JSONResponse:
+    location = f"/v1/requests/{request_id}"
+    error = GraphinferError(
+        f"no reply within {timeout_s:g} s (timeout_s or GRAPHINFER_GATEWAY_TIMEOUT_S); the request is "
+        f"kept and its result will be stored, so poll GET {location}",
+        code="reply_timeout",
+        details=[ErrorDetail("timeout_s", timeout_s, timeout_s)],
+    )
+    body = pending_reply(request_id, error=error.to_dict())
+    return JSONResponse(body, status_code=error.http_status, headers={"Location": location})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, stopping at ``limit`` bytes even when no Content-Length was sent."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(None, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int | None, limit: int) -> GraphinferError:
+    shown = f"{size:,} bytes" if size is not None else f"more than {limit:,} bytes"
+    return GraphinferError(
+        f"the body is {shown}, over the limit of {limit:,} (GRAPHINFER_MAX_MESSAGE_BYTES); "
+        "send a smaller graph or raise the limit",
+        code="message_too_large",
+        details=[ErrorDetail("body", size if size is not None else f"more than {limit}", limit)],
+    )
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    # The endpoints read the body as bytes to parse it strictly (no duplicate
+    # keys, no NaN). FastAPI then cannot derive its schema, so it is added here.
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    request_schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, definition in request_schema.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    components["PredictRequest"] = request_schema
+    app.openapi_schema = schema
+    return schema
 
 
 def run_gateway(settings: Settings) -> None:
+    """Serve the gateway until SIGINT or SIGTERM.
+
+    Missing settings stop it at once; an unreachable broker or database does
+    not. The gateway then serves ``/healthz`` and reports not ready on
+    ``/readyz`` until both are reachable.
+    """
     import uvicorn
 
     settings.bootstrap_servers  # noqa: B018 - raises ConfigurationError when unset
     settings.dsn  # noqa: B018
-    asyncio.run(preflight(settings))
-    uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port, log_config=None)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+    )

@@ -29,6 +29,7 @@ from graphinfer.models.pool import InferencePool, PoolOptions
 from graphinfer.models.repository import ModelCatalog, scan
 from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
+from graphinfer.storage.deployments import HEARTBEAT_INTERVAL_S
 from graphinfer.streams.driver import effective_fetch_max_wait_ms, transport_class
 from graphinfer.streams.processor import BatchProcessor, Message, ServedModels, Topics
 
@@ -163,7 +164,8 @@ class WorkerRuntime:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(30)
+            # The gateway treats a worker whose heartbeat is older than 60 s as gone.
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             assert self.database is not None
             try:
                 await self.database.heartbeat_deployments(self.name)
