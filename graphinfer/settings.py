@@ -160,6 +160,18 @@ class Settings(BaseSettings):
     replay_window: int = Field(default=1_000, ge=1, le=1_000_000)
     """Replay requests outstanding at once (default 1,000)."""
 
+    # --- Data retention ---------------------------------------------------------
+    store_request_payloads: bool = False
+    """Store each request's graph with its row in ``inference_requests`` (default false: only the reply)."""
+    retention_requests_days: int = Field(default=30, ge=0, le=36_500)
+    """Days a request row (with its reply and payload) is kept after completion; 0 keeps it forever (default 30)."""
+    retention_predictions_days: int = Field(default=30, ge=0, le=36_500)
+    """Days a prediction row is kept; 0 keeps it forever (default 30)."""
+    retention_dead_letters_days: int = Field(default=14, ge=0, le=36_500)
+    """Days a dead letter (with the original message bytes) is kept; 0 keeps it forever (default 14)."""
+    retention_interval_s: float = Field(default=3_600.0, gt=0, le=604_800)
+    """Seconds between clean-up runs on the leader (default 3,600)."""
+
     # --- Gateway and operations ------------------------------------------------
     gateway_host: str = "127.0.0.1"
     """Address the gateway listens on (default 127.0.0.1; 0.0.0.0 in containers)."""

@@ -102,6 +102,24 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        3,
+        "request payloads, retention indexes and dead letters per message",
+        """
+        ALTER TABLE inference_requests ADD COLUMN payload jsonb;
+        CREATE INDEX inference_requests_age_idx ON inference_requests (coalesce(completed_at, received_at));
+        CREATE INDEX predictions_created_idx ON predictions (created_at);
+        CREATE INDEX dead_letters_created_idx ON dead_letters (created_at);
+
+        -- Offsets start again at 0 when a topic is recreated (and on every
+        -- restart of the in-memory embedded broker), so the coordinates alone
+        -- can name two different messages; the message's hash tells them apart
+        -- while a redelivery of the same message still finds its row.
+        ALTER TABLE dead_letters ADD COLUMN message_sha256 text NOT NULL DEFAULT '';
+        ALTER TABLE dead_letters DROP CONSTRAINT dead_letters_pkey;
+        ALTER TABLE dead_letters ADD PRIMARY KEY (topic, kafka_partition, kafka_offset, message_sha256);
+        """,
+    ),
 )
 
 

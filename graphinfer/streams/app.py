@@ -29,6 +29,7 @@ from graphinfer.models.pool import InferencePool, PoolOptions
 from graphinfer.models.repository import ModelCatalog, scan
 from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
+from graphinfer.storage.retention import RETENTION_LOCK_KEY, RetentionPeriods, purge
 from graphinfer.storage.deployments import HEARTBEAT_INTERVAL_S
 from graphinfer.streams.driver import effective_fetch_max_wait_ms, transport_class
 from graphinfer.streams.processor import BatchProcessor, Message, ServedModels, Topics
@@ -129,6 +130,7 @@ class WorkerRuntime:
         self._tasks = [
             asyncio.create_task(self._reload_loop(), name="graphinfer-model-reload"),
             asyncio.create_task(self._heartbeat_loop(), name="graphinfer-deployment-heartbeat"),
+            asyncio.create_task(self._retention_loop(), name="graphinfer-retention"),
         ]
 
     async def reload(self) -> bool:
@@ -171,6 +173,24 @@ class WorkerRuntime:
                 await self.database.heartbeat_deployments(self.name)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 logger.warning("deployment heartbeat failed error=%r", exc)
+
+    async def _retention_loop(self) -> None:
+        settings = self.settings
+        periods = RetentionPeriods(
+            requests_days=settings.retention_requests_days,
+            predictions_days=settings.retention_predictions_days,
+            dead_letters_days=settings.retention_dead_letters_days,
+        )
+        while True:
+            assert self.database is not None
+            try:
+                async with self.database.pool.acquire() as connection, connection.transaction():
+                    # One worker of the deployment cleans up at a time; the others skip this round.
+                    if await connection.fetchval("SELECT pg_try_advisory_xact_lock($1)", RETENTION_LOCK_KEY):
+                        await purge(connection, periods)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.warning("retention clean-up failed, retrying next round error=%r", exc)
+            await asyncio.sleep(settings.retention_interval_s)
 
     async def _record_deployments(self) -> None:
         assert self.database is not None and self.models is not None
