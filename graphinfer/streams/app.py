@@ -29,8 +29,8 @@ from graphinfer.models.pool import InferencePool, PoolOptions
 from graphinfer.models.repository import ModelCatalog, scan
 from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
-from graphinfer.storage.retention import RETENTION_LOCK_KEY, RetentionPeriods, purge
 from graphinfer.storage.deployments import HEARTBEAT_INTERVAL_S
+from graphinfer.storage.retention import RETENTION_LOCK_KEY, RetentionPeriods, purge
 from graphinfer.streams.driver import effective_fetch_max_wait_ms, transport_class
 from graphinfer.streams.processor import BatchProcessor, Message, ServedModels, Topics
 
