@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -360,3 +361,24 @@ async def test_duplicate_and_foreign_replies_ignored(
     assert await gateway.metric_async("graphinfer_gateway_replies_total", outcome="foreign") == foreign + 1
     assert await gateway.metric_async("graphinfer_gateway_pending_replies") == 0
     assert (await client.get(f"/v1/requests/{unique_id}")).json() == response.json()
+
+
+async def test_traceparent_travels_and_is_stored(
+    client: httpx.AsyncClient, kafka: KafkaTestClient, mutag_record: dict, unique_id: str
+) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    response = await client.post(
+        "/v1/predict", json=datasets.mutag_request(mutag_record, unique_id), headers={"traceparent": traceparent}
+    )
+    assert response.status_code == 200
+    assert response.headers["traceparent"] == traceparent
+    [row] = await kafka.fetch("SELECT traceparent FROM inference_requests WHERE request_id = $1", unique_id)
+    assert row["traceparent"] == traceparent
+
+
+async def test_traceparent_created_when_missing(client: httpx.AsyncClient, mutag_record: dict, unique_id: str) -> None:
+    response = await client.post(
+        "/v1/requests", json=datasets.mutag_request(mutag_record, unique_id), headers={"traceparent": "garbage"}
+    )
+    assert response.status_code == 202
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", response.headers["traceparent"])

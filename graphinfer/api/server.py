@@ -29,6 +29,7 @@ from graphinfer.api.responses import (
     install_error_handlers,
     reply_status,
 )
+from graphinfer.api.tracing import trace_context
 from graphinfer.errors import ErrorDetail, GraphinferError
 from graphinfer.models.schema import PredictReply, PredictRequest
 from graphinfer.settings import Settings
@@ -127,19 +128,23 @@ def create_app(settings: Settings) -> FastAPI:
         async with gateway.admit():
             gateway.check_ready()
             raw = await read_body(request, settings.max_message_bytes)
-            submission = await gateway.submit(
-                raw, tenant, wait=True, traceparent=request.headers.get("traceparent")
-            )
+            traceparent = trace_context(request.headers.get("traceparent"))
+            submission = await gateway.submit(raw, tenant, wait=True, traceparent=traceparent)
+            trace_header = {"traceparent": traceparent}
             if submission.reply is not None:
                 metrics.waits.labels("stored").inc()
-                return JSONResponse(submission.reply, status_code=reply_status(submission.reply))
+                return JSONResponse(
+                    submission.reply, status_code=reply_status(submission.reply), headers=trace_header
+                )
             try:
                 reply = await gateway.wait_for_reply(submission, wait_s, request.receive)
             except ClientDisconnected:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
         if reply is None:
-            return _timeout_response(submission.request_id, wait_s)
-        return JSONResponse(reply, status_code=reply_status(reply))
+            response = _timeout_response(submission.request_id, wait_s)
+            response.headers["traceparent"] = traceparent
+            return response
+        return JSONResponse(reply, status_code=reply_status(reply), headers=trace_header)
 
     @v1.post(
         "/requests",
@@ -153,12 +158,11 @@ def create_app(settings: Settings) -> FastAPI:
         async with gateway.admit():
             gateway.check_ready()
             raw = await read_body(request, settings.max_message_bytes)
-            submission = await gateway.submit(
-                raw, tenant, wait=False, traceparent=request.headers.get("traceparent")
-            )
+            traceparent = trace_context(request.headers.get("traceparent"))
+            submission = await gateway.submit(raw, tenant, wait=False, traceparent=traceparent)
         body = submission.reply or pending_reply(submission.request_id)
         location = f"/v1/requests/{submission.request_id}"
-        return JSONResponse(body, status_code=202, headers={"Location": location})
+        return JSONResponse(body, status_code=202, headers={"Location": location, "traceparent": traceparent})
 
     @v1.get(
         "/requests/{request_id}",
