@@ -22,12 +22,18 @@ import asyncpg
 import faust
 from faust.types import TP
 
+from graphinfer import metrics
 from graphinfer.models.decode import Limits
 from graphinfer.models.pool import InferencePool, PoolOptions
 from graphinfer.models.repository import ModelCatalog, scan
 from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
-from graphinfer.streams.driver import effective_fetch_max_wait_ms, transport_class
+from graphinfer.streams.driver import (
+    ConsumerPause,
+    describe_partitions,
+    effective_fetch_max_wait_ms,
+    transport_class,
+)
 from graphinfer.streams.processor import BatchProcessor, Message, ServedModels, Topics
 
 logger = logging.getLogger(__name__)
@@ -120,6 +126,9 @@ class WorkerRuntime:
             ),
             limits=limits_from(settings),
             default_models=settings.default_models,
+            retry_max_delay_s=settings.batch_retry_max_delay_s,
+            flow=ConsumerPause(app),
+            raise_after_messages=settings.fault_injection_raise_after_messages,
         )
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_requested.set)
@@ -220,6 +229,8 @@ class GraphinferApp(faust.App):
         self.runtime = WorkerRuntime(settings)
         self._transport_cls = transport_class(settings.kafka_fetch_max_wait_ms)
         super().__init__(settings.app_id, **options)
+        self.assignments = 0
+        self.on_partitions_assigned.connect(self._log_assignment)
 
     def _new_transport(self) -> Any:
         return self._transport_cls(self.conf.broker_consumer, self)
@@ -243,6 +254,21 @@ class GraphinferApp(faust.App):
     async def on_stop(self) -> None:
         await super().on_stop()
         await self.runtime.stop()
+        logger.info("worker stopped name=%s %s", self.runtime.name, metrics.summary())
+
+    def _log_assignment(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        assigned: set[TP] = args[0] if args else set()
+        # Every assignment after the first is a rebalance: a member joined or
+        # left, or this one was evicted and rejoined.
+        self.assignments += 1
+        metrics.ASSIGNMENTS.inc()
+        logger.info(
+            "partitions assigned assignment=%d rebalances=%d generation=%s partitions=%s",
+            self.assignments,
+            self.assignments - 1,
+            self.consumer_generation_id,
+            describe_partitions(assigned),
+        )
 
     async def send_raw(
         self,
@@ -276,6 +302,7 @@ def create_app(settings: Settings) -> GraphinferApp:
         # on every interface and collide with a second worker on the host.
         web_enabled=False,
         broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_max_poll_interval=settings.kafka_max_poll_interval_s,
         broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_s / 3.0),
         broker_commit_interval=0.5,
         consumer_auto_offset_reset="earliest",
@@ -283,7 +310,7 @@ def create_app(settings: Settings) -> GraphinferApp:
         topic_disable_leader=False,
         producer_acks=-1,
         producer_max_request_size=max(1_048_576, settings.max_message_bytes + 65_536),
-        stream_buffer_maxsize=max(4096, settings.batch_max_size * 4),
+        stream_buffer_maxsize=max(settings.stream_buffer_maxsize, settings.batch_max_size * 4),
         store="memory://",
     )
     request_topic = app.topic(settings.request_topic, key_serializer="raw", value_serializer="raw")
