@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 import uuid
@@ -10,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
-from graphinfer.embedded import PrivateCluster, ensure_database
+from graphinfer.embedded import EmbeddedBroker, PrivateCluster, ensure_database
 from tests.conftest import launch_worker, private_environment, stop_worker
 from tests.kafka_client import KafkaTestClient
 from tests.model_factory import graph_request
@@ -22,17 +25,24 @@ from tests.reliability_support import (
     report,
     wait_for_replies,
     wait_for_terminal,
+    wait_until,
     write_healthy_model,
 )
 
 pytestmark = pytest.mark.integration
 
 MAX_POLL_INTERVAL_S = 4.0
+RESTART_COMMAND = "GRAPHINFER_TEST_KAFKA_RESTART_COMMAND"
 
 
 @pytest.fixture(scope="module")
 def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_healthy_model(tmp_path_factory.mktemp("slow-models"), sleep_s=0.1)
+
+
+@pytest.fixture(scope="module")
+def fast_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_healthy_model(tmp_path_factory.mktemp("fast-models"))
 
 
 @pytest.fixture
@@ -127,3 +137,153 @@ async def test_database_outage_pauses_and_catches_up(
         duplicates=sum(count - 1 for count in replies.values() if count > 1),
         lost=sum(1 for entry in ledger.sent if outcomes.terminal(entry) == 0),
     )
+
+
+@pytest.fixture
+def private_broker() -> Iterator[EmbeddedBroker]:
+    broker = EmbeddedBroker().start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def test_embedded_broker_restart_reconnects(
+    worker_environment: dict[str, str],
+    fast_repository: Path,
+    private_broker: EmbeddedBroker,
+    tmp_path: Path,
+) -> None:
+    environment = private_environment(
+        worker_environment,
+        f"restart{uuid.uuid4().hex[:8]}",
+        GRAPHINFER_KAFKA_BOOTSTRAP_SERVERS=private_broker.bootstrap_servers,
+        GRAPHINFER_MODEL_REPOSITORY=str(fast_repository),
+        GRAPHINFER_KAFKA_TOPIC_CHECK_INTERVAL_S="1",
+    )
+    worker = launch_worker(environment, tmp_path / "worker.log")
+    client = KafkaTestClient(environment)
+    await client.start()
+    before = [f"before-{index}" for index in range(20)]
+    after = [f"after-{index}" for index in range(20)]
+    try:
+        for request_id in before:
+            await client.publish(graph_request(request_id, models=["healthy"]))
+        await wait_for_replies(client, before, timeout_s=60)
+        await client.stop()
+
+        # Tansu keeps everything in memory: topics, offsets and groups are gone.
+        private_broker.stop()
+        private_broker.start()
+        restarted_at = time.monotonic()
+
+        await wait_until(
+            lambda: _has_topics(private_broker.bootstrap_servers, environment), 60, "the recreated topics"
+        )
+        client = KafkaTestClient(environment)
+        await client.start()
+        for request_id in after:
+            await client.publish(graph_request(request_id, models=["healthy"]))
+        await wait_for_replies(client, after, timeout_s=90)
+        served_after_s = time.monotonic() - restarted_at
+        dead_letter_partitions = await _partition_count(
+            private_broker.bootstrap_servers, environment["GRAPHINFER_DEAD_LETTER_TOPIC"]
+        )
+    finally:
+        await client.stop()
+        stop_worker(worker)
+
+    assert all(client.replies[request_id][0]["status"] == "ok" for request_id in after)
+    rows = await client.fetch("SELECT request_id FROM predictions WHERE request_id = ANY($1)", after)
+    assert sorted(row["request_id"] for row in rows) == sorted(after), "one result row per request"
+    # Tansu would auto-create a topic with 4 partitions; the worker recreates it with its configured 1.
+    assert dead_letter_partitions == 1
+    assert log_lines(worker, r"broker unreachable at")
+    assert log_lines(worker, r"broker reachable again after")
+    request_topic = environment["GRAPHINFER_REQUEST_TOPIC"]
+    [lost] = log_lines(
+        worker, rf"topic missing from the broker, created again topic={re.escape(request_topic)} "
+    )
+    finished = re.search(r"by partition: ([0-9: ]+);", lost)
+    assert finished is not None, lost
+    assert sum(int(item.split(":")[1]) + 1 for item in finished.group(1).split()) == len(before)
+    report(
+        "embedded_broker_restart",
+        before=len(before),
+        after=len(after),
+        replies_after=sum(len(client.replies[request_id]) for request_id in after),
+        rows_after=len(rows),
+        served_after_s=round(served_after_s, 1),
+        rebalances=assignment_count(worker) - 1,
+    )
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("GRAPHINFER_TEST_KAFKA_BOOTSTRAP_SERVERS") and os.environ.get(RESTART_COMMAND)),
+    reason=f"needs an external Kafka that keeps its data: set GRAPHINFER_TEST_KAFKA_BOOTSTRAP_SERVERS and "
+    f"{RESTART_COMMAND} (a shell command that restarts that broker)",
+)
+async def test_external_broker_restart_loses_nothing(
+    worker_environment: dict[str, str], fast_repository: Path, tmp_path: Path
+) -> None:
+    environment = private_environment(
+        worker_environment,
+        f"extrestart{uuid.uuid4().hex[:8]}",
+        GRAPHINFER_MODEL_REPOSITORY=str(fast_repository),
+        GRAPHINFER_KAFKA_TOPIC_CHECK_INTERVAL_S="1",
+    )
+    worker = launch_worker(environment, tmp_path / "worker.log")
+    client = KafkaTestClient(environment)
+    await client.start()
+    ledger = Ledger()
+    try:
+        await ledger.publish_requests(
+            client, [graph_request(f"before-{index}", models=["healthy"]) for index in range(100)]
+        )
+        restart = await asyncio.create_subprocess_shell(os.environ[RESTART_COMMAND])
+        assert await asyncio.wait_for(restart.wait(), timeout=300) == 0
+        await ledger.publish_requests(
+            client, [graph_request(f"after-{index}", models=["healthy"]) for index in range(100)]
+        )
+        outcomes = await wait_for_terminal(client, ledger, timeout_s=180)
+        await wait_for_replies(client, ledger.request_ids, timeout_s=60)
+    finally:
+        await client.stop()
+        stop_worker(worker)
+
+    assert all(outcomes.terminal(entry) == 1 for entry in ledger.sent)
+    assert sorted(outcomes.predictions.values()) == [1] * len(ledger.sent)
+    assert not log_lines(worker, "topic missing from the broker")
+    report(
+        "external_broker_restart",
+        sent=len(ledger.sent),
+        replies=sum(len(client.replies[request_id]) for request_id in ledger.request_ids),
+        rows=sum(outcomes.predictions.values()),
+        lost=sum(1 for entry in ledger.sent if outcomes.terminal(entry) == 0),
+    )
+
+
+async def _has_topics(bootstrap: str, environment: dict[str, str]) -> bool:
+    wanted = {
+        environment["GRAPHINFER_PREDICTION_TOPIC"],
+        environment["GRAPHINFER_DEAD_LETTER_TOPIC"],
+        environment["GRAPHINFER_REQUEST_TOPIC"],
+    }
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        return wanted <= set(await admin.list_topics())
+    except KafkaError:
+        return False
+    finally:
+        await admin.close()
+
+
+async def _partition_count(bootstrap: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([topic])
+        return len(described["partitions"])
+    finally:
+        await admin.close()

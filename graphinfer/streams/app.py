@@ -28,6 +28,7 @@ from graphinfer.models.pool import InferencePool, PoolOptions
 from graphinfer.models.repository import ModelCatalog, scan
 from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
+from graphinfer.streams.broker_watch import BrokerWatch
 from graphinfer.streams.driver import (
     ConsumerPause,
     describe_partitions,
@@ -136,6 +137,10 @@ class WorkerRuntime:
             asyncio.create_task(self._reload_loop(), name="graphinfer-model-reload"),
             asyncio.create_task(self._heartbeat_loop(), name="graphinfer-deployment-heartbeat"),
         ]
+        if settings.kafka_topic_check_interval_s > 0:
+            processor = self.processor
+            watch = BrokerWatch(settings, lambda: processor.finished)
+            self._tasks.append(asyncio.create_task(watch.run(), name="graphinfer-broker-watch"))
 
     async def reload(self) -> bool:
         """Scan the repository and switch to a new pool when the models changed; return whether it did."""

@@ -131,6 +131,8 @@ class BatchProcessor:
         # Off unless a test sets GRAPHINFER_FAULT_INJECTION_RAISE_AFTER_MESSAGES.
         self.raise_after_messages = raise_after_messages
         self._messages_seen = 0
+        # (topic, partition) to the highest offset whose outcome is stored and delivered.
+        self.finished: dict[tuple[str, int], int] = {}
 
     async def process(self, messages: Sequence[Message]) -> None:
         """Handle one batch; return only when its outcomes are stored and its replies delivered.
@@ -190,7 +192,7 @@ class BatchProcessor:
 
         # 6. Deliver replies and dead letters.
         await self._retry("produce", lambda: self._deliver(items))
-        _count(items)
+        self._finish(items)
 
     async def _fail_internal(self, message: Message, exc: Exception) -> None:
         """Store and send a ``failed`` reply with code ``internal`` and dead-letter the message."""
@@ -212,7 +214,14 @@ class BatchProcessor:
         item.reply = self._build_reply(item)
         await self._retry("store", lambda: self.database.write_batch(*self._records([item])))
         await self._retry("produce", lambda: self._deliver([item]))
-        _count([item])
+        self._finish([item])
+
+    def _finish(self, items: Sequence[_Item]) -> None:
+        for item in items:
+            message = item.message
+            key = (message.topic, message.partition)
+            self.finished[key] = max(self.finished.get(key, -1), message.offset)
+        _count(items)
 
     def _maybe_inject_fault(self, count: int) -> None:
         if self.raise_after_messages <= 0:
