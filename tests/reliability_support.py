@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import TopicPartition as ConfluentPartition
 from sklearn.linear_model import LogisticRegression
 
 from graphinfer.models.manifest import FeatureSpec, InputSignature
@@ -214,6 +214,40 @@ async def wait_for_replies(client: KafkaTestClient, request_ids: list[str], time
     await wait_until(answered, timeout_s, f"replies to {len(request_ids)} requests")
 
 
+class CommittedOffsets:
+    """Reads a group's committed offsets without joining the group.
+
+    confluent-kafka is used because aiokafka 0.14.0's admin client fails to
+    decode Tansu's OffsetFetch response.
+    """
+
+    def __init__(self, bootstrap: str, group_id: str, topic: str) -> None:
+        self.topic = topic
+        self._consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False}
+        )
+
+    def read(self) -> dict[int, int]:
+        """Return partition to committed offset, leaving out partitions with none."""
+        metadata = self._consumer.list_topics(self.topic, timeout=5)
+        partitions = [
+            ConfluentPartition(self.topic, number) for number in metadata.topics[self.topic].partitions
+        ]
+        committed = self._consumer.committed(partitions, timeout=5)
+        return {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+async def read_committed(client: KafkaTestClient, group_id: str) -> dict[int, int]:
+    reader = CommittedOffsets(client.bootstrap, group_id, client.request_topic)
+    try:
+        return await asyncio.to_thread(reader.read)
+    finally:
+        await asyncio.to_thread(reader.close)
+
+
 class OffsetAudit:
     """Samples the group's committed offsets and checks each against the stored outcomes.
 
@@ -226,15 +260,12 @@ class OffsetAudit:
     def __init__(self, client: KafkaTestClient, ledger: Ledger, group_id: str) -> None:
         self.client = client
         self.ledger = ledger
-        self.group_id = group_id
         self.samples = 0
         self.violations: list[str] = []
-        self.highest: dict[int, int] = {}
+        self._reader = CommittedOffsets(client.bootstrap, group_id, client.request_topic)
         self._task: asyncio.Task[None] | None = None
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=client.bootstrap)
 
     async def __aenter__(self) -> OffsetAudit:
-        await self._admin.start()
         self._task = asyncio.create_task(self._run())
         return self
 
@@ -243,21 +274,18 @@ class OffsetAudit:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._admin.close()
+        await asyncio.to_thread(self._reader.close)
 
     async def check_once(self) -> None:
         try:
-            committed = await self._admin.list_consumer_group_offsets(self.group_id)
-        except (KafkaError, OSError):
+            offsets = await asyncio.to_thread(self._reader.read)
+        except KafkaException:
             return
-        topic = self.client.request_topic
-        offsets = {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic}
         if not offsets:
             return
         outcomes = await fetch_outcomes(self.client, self.ledger)
         self.samples += 1
         for partition, offset in offsets.items():
-            self.highest[partition] = max(self.highest.get(partition, -1), offset)
             for entry in self.ledger.sent:
                 if entry.partition == partition and entry.offset < offset and outcomes.terminal(entry) == 0:
                     self.violations.append(
@@ -268,7 +296,7 @@ class OffsetAudit:
     async def _run(self) -> None:
         while True:
             await self.check_once()
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
 
 
 def log_lines(worker: WorkerProcess, pattern: str) -> list[str]:

@@ -5,10 +5,10 @@ Kafka messages and returns once every message's outcome is stored in
 PostgreSQL and its replies are delivered; only then may the caller
 acknowledge the batch, so its offsets are committed only after that.
 
-A batch that raises an unexpected exception is processed again one message
-at a time. A message that still raises is answered ``failed`` with code
-``internal`` and dead-lettered, so one message that breaks the worker's
-code does not stop the stream.
+A batch that raises an unexpected exception runs once more, then one
+message at a time. A message that still raises is answered ``failed`` with
+code ``internal`` and dead-lettered, so one message that breaks the
+worker's code does not stop the stream.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ class BatchProcessor:
         """Handle one batch; return only when its outcomes are stored and its replies delivered.
 
         Database and broker failures are retried until they succeed. Any
-        other exception makes the batch run again one message at a time.
+        other exception makes the batch run once more, and when that fails
+        too, one message at a time.
         """
         try:
             await self._process(messages)
@@ -146,7 +147,15 @@ class BatchProcessor:
         except Exception:
             metrics.BATCH_ERRORS.inc()
             logger.exception(
-                "batch failed with an unexpected error; processing its %d messages one at a time %s",
+                "batch failed with an unexpected error; running it once more %s", _describe_offsets(messages)
+            )
+        # A failure that does not repeat costs one more run of the batch.
+        try:
+            await self._process(messages)
+            return
+        except Exception:
+            logger.exception(
+                "batch failed again; processing its %d messages one at a time %s",
                 len(messages),
                 _describe_offsets(messages),
             )
