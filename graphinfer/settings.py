@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     keeps polling, so an outage of any length does not count against it.
     """
     kafka_topic_check_interval_s: float = Field(default=10.0, ge=0, le=3600)
-    """Seconds between checks that the broker answers and still has every topic; 0 turns them off (default 10)."""
+    """Seconds between checks that the broker answers and still has every topic; the consumer refreshes
+    its metadata every three intervals (at least 5 s) to pick up recreated topics; 0 turns both off (default 10)."""
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     """Kafka security protocol (default PLAINTEXT)."""
     kafka_sasl_mechanism: str | None = None

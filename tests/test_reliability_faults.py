@@ -34,12 +34,12 @@ from tests.reliability_support import (
 
 pytestmark = pytest.mark.integration
 
-REQUESTS = 300
+REQUESTS = 200
 
 
 @pytest.fixture(scope="module")
 def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_healthy_model(tmp_path_factory.mktemp("slow-models"), sleep_s=0.3)
+    return write_healthy_model(tmp_path_factory.mktemp("slow-models"), sleep_s=0.2)
 
 
 @pytest.fixture

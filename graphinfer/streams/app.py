@@ -317,6 +317,7 @@ def create_app(settings: Settings) -> GraphinferApp:
         producer_max_request_size=max(1_048_576, settings.max_message_bytes + 65_536),
         stream_buffer_maxsize=max(settings.stream_buffer_maxsize, settings.batch_max_size * 4),
         store="memory://",
+        **_metadata_age(settings),
     )
     request_topic = app.topic(settings.request_topic, key_serializer="raw", value_serializer="raw")
     batch_wait_s = settings.batch_max_wait_ms / 1000.0 or 0.001
@@ -334,6 +335,16 @@ def create_app(settings: Settings) -> GraphinferApp:
                 await stream.ack(event)
 
     return app
+
+
+def _metadata_age(settings: Settings) -> dict[str, int]:
+    # A topic the broker lost and the broker watch created again is assigned
+    # only once the consumer's metadata is refreshed, and Faust's default age
+    # is five minutes. Three check intervals leave the watch time to see a
+    # lost topic before the consumer's own metadata request recreates it.
+    if settings.kafka_topic_check_interval_s <= 0:
+        return {}
+    return {"consumer_metadata_max_age_ms": max(5000, int(settings.kafka_topic_check_interval_s * 3000))}
 
 
 def _message(event: Any) -> Message:

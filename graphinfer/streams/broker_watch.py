@@ -88,19 +88,21 @@ class BrokerWatch:
 
     async def _recreate(self, missing: list[str], expected: Mapping[str, int]) -> None:
         await ensure_topics(self.settings)
-        finished = self.finished_offsets()
         for topic in missing:
             metrics.TOPICS_RECREATED.labels(topic).inc()
-            done = sorted(
-                (partition, offset) for (name, partition), offset in finished.items() if name == topic
-            )
-            progress = " ".join(f"{partition}:{offset}" for partition, offset in done) or "none"
-            logger.warning(
-                "topic missing from the broker, created again topic=%s partitions=%d; the messages and "
-                "committed offsets it held are lost (a broker that keeps no data restarted, or the topic was "
-                "deleted). Last offsets this worker finished before the loss, by partition: %s; messages "
-                "published after those and not consumed before the loss are gone",
-                topic,
-                expected[topic],
-                progress,
-            )
+        # Clients may recreate a topic on their own before this check sees it
+        # missing (Tansu creates a topic on first use), so any missing topic
+        # counts as a sign that the broker lost its data, and the progress on
+        # every topic this worker consumes is logged.
+        finished = self.finished_offsets()
+        progress = " ".join(
+            f"{topic}:{partition}:{offset}" for (topic, partition), offset in sorted(finished.items())
+        )
+        logger.warning(
+            "topics missing from the broker, created again: %s; the messages and committed offsets they held "
+            "are lost (a broker that keeps no data restarted, or the topics were deleted). Last offsets this "
+            "worker finished before the loss, as topic:partition:offset: %s; messages published after those "
+            "and not consumed before the loss are gone",
+            " ".join(f"{topic}(partitions={expected[topic]})" for topic in missing),
+            progress or "none",
+        )
