@@ -71,8 +71,11 @@ class Settings(BaseSettings):
     keeps polling, so an outage of any length does not count against it.
     """
     kafka_topic_check_interval_s: float = Field(default=10.0, ge=0, le=3600)
-    """Seconds between checks that the broker answers and still has every topic; the consumer refreshes
-    its metadata every three intervals (at least 5 s) to pick up recreated topics; 0 turns both off (default 10)."""
+    """Seconds between checks that the broker is reachable and still has every topic (default 10).
+
+    The consumer also refreshes its metadata every three intervals, and at
+    most every 5 s, to pick up recreated topics. 0 turns both off.
+    """
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     """Kafka security protocol (default PLAINTEXT)."""
     kafka_sasl_mechanism: str | None = None
@@ -148,7 +151,7 @@ class Settings(BaseSettings):
     stream_buffer_maxsize: int = Field(default=4096, ge=1, le=1_000_000)
     """Messages the worker reads ahead of its agent per topic, at least 4 batches (default 4096)."""
     batch_retry_max_delay_s: float = Field(default=30.0, gt=0, le=3600)
-    """Longest wait in seconds between retries of a batch whose database or broker write failed (default 30)."""
+    """Maximum wait in seconds between retries of a failed database or broker call of a batch (default 30)."""
     fault_injection_raise_after_messages: int = Field(default=0, ge=0)
     """Testing only: the batch step raises once after this many messages, before storing; 0 never (default)."""
 

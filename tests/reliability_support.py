@@ -84,7 +84,7 @@ def write_healthy_model(repository: Path, *, sleep_s: float = 0.0) -> Path:
 
 @dataclass
 class Sent:
-    """One published message and what the test knows about it."""
+    """One published message and what the test expects of it."""
 
     topic: str
     partition: int

@@ -1,6 +1,6 @@
 """Worker faults in the middle of a batch: SIGKILL, an exception in the batch step, SIGTERM.
 
-Each test publishes a few hundred requests to a worker whose model sleeps
+Each test publishes 200 requests to a worker whose model sleeps
 on every call, so batches take long enough to be interrupted, and audits
 the group's committed offsets against the rows in PostgreSQL throughout.
 """

@@ -1,9 +1,9 @@
 """Watch the broker from the worker: reachability, and topics that disappeared.
 
-The Kafka clients reconnect by themselves, but a broker that keeps no data
+The Kafka clients reconnect by themselves. A broker that keeps no data
 (the embedded Tansu broker, or any broker whose storage was wiped) comes
-back without the worker's topics, so the consumer has nothing to be
-assigned and replies have nowhere to go. Every
+back without the worker's topics, though, so the consumer has nothing to
+be assigned and replies have nowhere to go. Every
 ``GRAPHINFER_KAFKA_TOPIC_CHECK_INTERVAL_S`` seconds the watch lists the
 topics, logs when the broker stops answering and how long it was away,
 creates missing topics again with the configured partition counts, and
@@ -47,7 +47,7 @@ class BrokerWatch:
             try:
                 await self.check()
             except ConfigurationError as exc:
-                # A topic exists with another partition count; the operator has to act.
+                # A topic exists with another partition count, which only the operator can fix.
                 logger.error("topic check failed: %s", exc)
 
     async def check(self) -> None:

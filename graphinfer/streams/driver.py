@@ -9,12 +9,17 @@ that consumer starts and builds its fetcher.
 
 Pausing happens on the aiokafka consumer, not through Faust's
 ``pause_partitions``. aiokafka 0.14.0 leaves the group once no fetch has
-been in progress for ``max_poll_interval_ms``, and Faust skips fetching
-altogether when its own set of active partitions is empty, which happens
-both after ``pause_partitions`` and when a stream's buffer is full. Paused
-at the aiokafka level, the partitions fetch nothing while a keep-alive task
-in the consumer thread goes on polling them, so the consumer stays in its
-group for as long as the pause lasts.
+been in progress for ``max_poll_interval_ms``. faust-streaming 0.15.3
+skips fetching altogether when its own set of active partitions is empty,
+which happens both after ``pause_partitions`` and when a stream's buffer
+is full. Paused at the aiokafka level, the partitions fetch nothing while
+a keep-alive task in the consumer thread goes on polling them, so the
+consumer stays in its group for as long as the pause lasts.
+
+NOTE: a consumer evicted anyway (an event loop blocked for longer than the
+session timeout, say) did not rejoin in a measurement with these versions,
+so such a worker has to be restarted. Their code suggests why: aiokafka
+rejoins only after a fetch, and Faust fetches only after the rejoin.
 """
 
 from __future__ import annotations

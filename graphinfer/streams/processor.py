@@ -164,7 +164,7 @@ class BatchProcessor:
                 await self._process([message])
             except Exception as exc:
                 logger.exception(
-                    "message failed with an unexpected error; answering it failed and dead-lettering it "
+                    "message failed with an unexpected error; replying with status failed and dead-lettering it "
                     "topic=%s partition=%d offset=%d",
                     message.topic,
                     message.partition,

@@ -1,6 +1,6 @@
 """Retry the worker's database and broker calls, pausing consumption while they fail.
 
-A batch holds its messages until its outcomes are stored and its replies
+A batch keeps its messages until its outcomes are stored and its replies
 delivered, so a failed read, store or produce is retried with capped
 exponential backoff instead of dropping the batch. While a dependency is
 unavailable the worker pauses its partitions (see
@@ -47,7 +47,7 @@ STEP_DEPENDENCY = {"read": "database", "store": "database", "produce": "broker"}
 
 
 class FlowControl(Protocol):
-    """Stops and restarts fetching new messages without leaving the consumer group."""
+    """A switch that pauses and resumes fetching without leaving the consumer group."""
 
     async def pause(self) -> None: ...
 
@@ -55,7 +55,7 @@ class FlowControl(Protocol):
 
 
 class Retrier:
-    """Runs batch steps until they succeed and tracks which dependencies are down."""
+    """Retries of the batch steps, and the dependencies that are down."""
 
     def __init__(
         self, *, max_delay_s: float = 30.0, initial_delay_s: float = 0.5, flow: FlowControl | None = None
@@ -67,7 +67,7 @@ class Retrier:
         self.outages: dict[str, float] = {}
 
     async def run(self, step: str, operation: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``operation`` until it succeeds; raise at once on an error in the data itself."""
+        """Run ``operation`` until it succeeds, but raise at once on an error in the data itself."""
         delay = self.initial_delay_s
         failures = 0
         while True:
