@@ -262,10 +262,21 @@ class PrivateCluster:
             stderr=subprocess.PIPE,
             timeout=120,
         )
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=off"
-        _pg_ctl(self.bin_dir, self.data_dir, "-o", options, "-l", str(root / "server.log"), "-w", "start")
+        self.start_server()
         logger.info("private PostgreSQL cluster started port=%d data_dir=%s", self.port, self.data_dir)
         return self
+
+    def start_server(self) -> None:
+        """Start the server on the cluster's data directory, again after :meth:`stop_server`."""
+        assert self.bin_dir is not None and self.data_dir is not None, "start() creates the cluster"
+        root = self.data_dir.parent
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=off"
+        _pg_ctl(self.bin_dir, self.data_dir, "-o", options, "-l", str(root / "server.log"), "-w", "start")
+
+    def stop_server(self) -> None:
+        """Stop the server and keep its data, so :meth:`start_server` brings the same data back."""
+        assert self.bin_dir is not None and self.data_dir is not None, "start() creates the cluster"
+        _pg_ctl(self.bin_dir, self.data_dir, "stop", "-m", "fast", "-w")
 
     def stop(self) -> None:
         if self.bin_dir is not None and self.data_dir is not None and self.data_dir.exists():

@@ -112,8 +112,11 @@ class ConfigurationError(Exception):
 
 def _json_safe(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | str):
-        if isinstance(value, str) and len(value) > _MAX_VALUE_CHARS:
-            return value[:_MAX_VALUE_CHARS] + "..."
+        if isinstance(value, str):
+            # PostgreSQL cannot store U+0000 in text or jsonb, where replies end up.
+            value = value.replace("\x00", "\\u0000")
+            if len(value) > _MAX_VALUE_CHARS:
+                return value[:_MAX_VALUE_CHARS] + "..."
         return value
     if isinstance(value, float):
         return value if value == value and value not in (float("inf"), float("-inf")) else str(value)

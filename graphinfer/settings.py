@@ -64,6 +64,18 @@ class Settings(BaseSettings):
     """Milliseconds a fetch may wait on the broker for data (default 10)."""
     kafka_session_timeout_s: float = Field(default=10.0, gt=0, le=300)
     """Consumer group session timeout in seconds (default 10)."""
+    kafka_max_poll_interval_s: float = Field(default=300.0, gt=0, le=86_400)
+    """Seconds the consumer may go without polling before it leaves its group (default 300).
+
+    While the database is unavailable the worker pauses its partitions and
+    keeps polling, so an outage of any length does not count against it.
+    """
+    kafka_topic_check_interval_s: float = Field(default=10.0, ge=0, le=3600)
+    """Seconds between checks that the broker is reachable and still has every topic (default 10).
+
+    The consumer also refreshes its metadata every three intervals, and at
+    most every 5 s, to pick up recreated topics. 0 turns both off.
+    """
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     """Kafka security protocol (default PLAINTEXT)."""
     kafka_sasl_mechanism: str | None = None
@@ -136,6 +148,12 @@ class Settings(BaseSettings):
     """Requests per worker batch (default 64)."""
     batch_max_wait_ms: int = Field(default=5, ge=0, le=60_000)
     """Milliseconds a batch waits to fill before it runs (default 5)."""
+    stream_buffer_maxsize: int = Field(default=4096, ge=1, le=1_000_000)
+    """Messages the worker reads ahead of its agent per topic, at least 4 batches (default 4096)."""
+    batch_retry_max_delay_s: float = Field(default=30.0, gt=0, le=3600)
+    """Maximum wait in seconds between retries of a failed database or broker call of a batch (default 30)."""
+    fault_injection_raise_after_messages: int = Field(default=0, ge=0)
+    """Testing only: the batch step raises once after this many messages, before storing; 0 never (default)."""
 
     # --- Limits --------------------------------------------------------------
     max_message_bytes: int = Field(default=1_000_000, ge=1_024, le=100_000_000)

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import RecordMetadata
 
 
 class KafkaTestClient:
@@ -65,14 +66,15 @@ class KafkaTestClient:
         *,
         key: bytes | str | None = None,
         headers: list[tuple[str, bytes]] | None = None,
-    ) -> None:
+    ) -> RecordMetadata:
+        """Publish one message to the request topic; return where it landed."""
         if isinstance(value, dict):
             if key is None and isinstance(value.get("request_id"), str):
                 key = value["request_id"]
             value = json.dumps(value).encode()
         if isinstance(key, str):
             key = key.encode()
-        await self._producer.send_and_wait(self.request_topic, value, key=key, headers=headers or [])
+        return await self._producer.send_and_wait(self.request_topic, value, key=key, headers=headers or [])
 
     async def wait_for_replies(
         self, request_id: str, count: int = 1, timeout: float = 60.0

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from tests.kafka_client import KafkaTestClient
 from tests.model_factory import graph_request, write_model
 
 pytestmark = pytest.mark.integration
+
+LOAD_REQUESTS = 256
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +92,51 @@ async def test_failing_models_leave_worker_running(
         "SELECT model, status FROM predictions WHERE request_id = ANY($1) ORDER BY model", ids
     )
     assert len(rows) == 4 * len(ids)
+
+
+async def test_failing_models_under_load_leave_others(
+    model_worker: WorkerProcess, model_kafka: KafkaTestClient
+) -> None:
+    pid_before = worker_pid_from_log(model_worker)
+    prefix = f"load-{uuid.uuid4().hex[:8]}"
+    ids = [f"{prefix}-{index}" for index in range(LOAD_REQUESTS)]
+    await asyncio.gather(
+        *(
+            model_kafka.publish(
+                graph_request(request_id, models=["healthy", "raising", "sleeping", "allocating"])
+            )
+            for request_id in ids
+        )
+    )
+    codes: Counter[tuple[str, str]] = Counter()
+    for request_id in ids:
+        [reply] = await model_kafka.wait_for_replies(request_id, timeout=120)
+        assert reply["status"] == "partial"
+        for result in reply["results"]:
+            codes[
+                result["model"], result["status"] if result["status"] == "ok" else result["error"]["code"]
+            ] += 1
+
+    assert codes == {
+        ("healthy", "ok"): LOAD_REQUESTS,
+        ("raising", "model_failed"): LOAD_REQUESTS,
+        ("sleeping", "model_timeout"): LOAD_REQUESTS,
+        ("allocating", "model_out_of_memory"): LOAD_REQUESTS,
+    }
+    assert model_worker.process.poll() is None
+    assert worker_pid_from_log(model_worker) == pid_before
+    rows = await model_kafka.fetch(
+        "SELECT model, count(*) AS n FROM predictions WHERE request_id = ANY($1) GROUP BY model", ids
+    )
+    assert {row["model"]: row["n"] for row in rows} == dict.fromkeys(
+        ["healthy", "raising", "sleeping", "allocating"], LOAD_REQUESTS
+    )
+    replaced = len(re.findall(r"replacing (process )?pid=", model_worker.log()))
+    print(
+        f"\nRELIABILITY failing_models_under_load: sent={LOAD_REQUESTS} replies={len(ids)} "
+        f"rows={sum(row['n'] for row in rows)} healthy_ok={codes['healthy', 'ok']} "
+        f"processes_replaced_total={replaced} worker_restarts=0"
+    )
 
 
 async def _send_stream(client: KafkaTestClient, prefix: str, count: int, pause_s: float) -> list[str]:

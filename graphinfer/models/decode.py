@@ -111,6 +111,32 @@ def recover_request_id(document: Any) -> str | None:
     return None
 
 
+def check_no_nul(document: Any, path: str = "") -> None:
+    """Reject a NUL character (U+0000) in any key or string: PostgreSQL cannot store it in text or jsonb."""
+    if isinstance(document, str):
+        strings: list[tuple[str, str]] = [(path or "body", document)]
+        children: list[tuple[str, Any]] = []
+    elif isinstance(document, dict):
+        strings = [(f"{path}.{key}" if path else key, key) for key in document]
+        children = [(f"{path}.{key}" if path else key, value) for key, value in document.items()]
+    elif isinstance(document, list):
+        strings = []
+        children = [(f"{path}[{index}]", value) for index, value in enumerate(document)]
+    else:
+        return
+    for location, text in strings:
+        if "\x00" in text:
+            shown = location.replace("\x00", "\\u0000")
+            raise RequestRejected(
+                f"{shown} contains the NUL character (U+0000), which graphinfer cannot store; "
+                "remove it from the request",
+                code="invalid_request",
+                details=[ErrorDetail(shown, None, "text without U+0000")],
+            )
+    for location, child in children:
+        check_no_nul(child, location)
+
+
 def check_schema_header(headers: Mapping[str, bytes]) -> None:
     raw = headers.get(SCHEMA_HEADER)
     if raw is None:
@@ -185,6 +211,9 @@ def decode_request(
         check_size(raw, limits)
         document = parse_json(raw)
         request_id = recover_request_id(document)
+        # JSON can carry NUL only as the escape \u0000, so the walk runs only when that occurs.
+        if b"\\u0000" in raw:
+            check_no_nul(document)
         check_schema_header(headers or {})
         decoded = validate_document(document, limits)
         _check_id_and_key(decoded.request.request_id, key, require_id)

@@ -3,11 +3,12 @@
 Writes are idempotent, so a redelivered batch changes nothing:
 ``inference_requests`` moves only from ``pending`` to a terminal status,
 ``predictions`` keeps the first row per ``(request_id, model)``, and
-``dead_letters`` the first row per ``(topic, partition, offset)``.
+``dead_letters`` the first row per ``(topic, partition, offset)`` and message hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -169,6 +170,7 @@ class Database:
                             letter.value,
                             letter.code,
                             letter.reason,
+                            hashlib.sha256(letter.value or b"").hexdigest(),
                         )
                         for letter in dead_letters
                     ],
@@ -228,9 +230,9 @@ ON CONFLICT (request_id, model) DO NOTHING
 
 _INSERT_DEAD_LETTER = """
 INSERT INTO dead_letters
-    (topic, kafka_partition, kafka_offset, request_id, message_key, message_value, code, reason)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING
+    (topic, kafka_partition, kafka_offset, request_id, message_key, message_value, code, reason, message_sha256)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (topic, kafka_partition, kafka_offset, message_sha256) DO NOTHING
 """
 
 

@@ -24,6 +24,7 @@ import asyncpg
 import faust
 from faust.types import TP
 
+from graphinfer import metrics
 from graphinfer.models.decode import Limits
 from graphinfer.models.pool import InferencePool, PoolOptions
 from graphinfer.models.repository import ModelCatalog, scan
@@ -31,7 +32,13 @@ from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
 from graphinfer.storage.deployments import HEARTBEAT_INTERVAL_S
 from graphinfer.storage.retention import RETENTION_LOCK_KEY, RetentionPeriods, purge
-from graphinfer.streams.driver import effective_fetch_max_wait_ms, transport_class
+from graphinfer.streams.broker_watch import BrokerWatch
+from graphinfer.streams.driver import (
+    ConsumerPause,
+    describe_partitions,
+    effective_fetch_max_wait_ms,
+    transport_class,
+)
 from graphinfer.streams.processor import BatchProcessor, Message, ServedModels, Topics
 
 logger = logging.getLogger(__name__)
@@ -124,6 +131,9 @@ class WorkerRuntime:
             ),
             limits=limits_from(settings),
             default_models=settings.default_models,
+            retry_max_delay_s=settings.batch_retry_max_delay_s,
+            flow=ConsumerPause(app),
+            raise_after_messages=settings.fault_injection_raise_after_messages,
         )
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_requested.set)
@@ -132,6 +142,10 @@ class WorkerRuntime:
             asyncio.create_task(self._heartbeat_loop(), name="graphinfer-deployment-heartbeat"),
             asyncio.create_task(self._retention_loop(), name="graphinfer-retention"),
         ]
+        if settings.kafka_topic_check_interval_s > 0:
+            processor = self.processor
+            watch = BrokerWatch(settings, lambda: processor.finished)
+            self._tasks.append(asyncio.create_task(watch.run(), name="graphinfer-broker-watch"))
 
     async def reload(self) -> bool:
         """Scan the repository and switch to a new pool when the models changed; return whether it did."""
@@ -248,6 +262,8 @@ class GraphinferApp(faust.App):
         self.runtime = WorkerRuntime(settings)
         self._transport_cls = transport_class(settings.kafka_fetch_max_wait_ms)
         super().__init__(settings.app_id, **options)
+        self.assignments = 0
+        self.on_partitions_assigned.connect(self._log_assignment)
 
     def _new_transport(self) -> Any:
         return self._transport_cls(self.conf.broker_consumer, self)
@@ -271,6 +287,21 @@ class GraphinferApp(faust.App):
     async def on_stop(self) -> None:
         await super().on_stop()
         await self.runtime.stop()
+        logger.info("worker stopped name=%s %s", self.runtime.name, metrics.summary())
+
+    def _log_assignment(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        assigned: set[TP] = args[0] if args else set()
+        # Every assignment after the first is a rebalance: a member joined or
+        # left, or this one was evicted and rejoined.
+        self.assignments += 1
+        metrics.ASSIGNMENTS.inc()
+        logger.info(
+            "partitions assigned assignment=%d rebalances=%d generation=%s partitions=%s",
+            self.assignments,
+            self.assignments - 1,
+            self.consumer_generation_id,
+            describe_partitions(assigned),
+        )
 
     async def send_raw(
         self,
@@ -306,6 +337,7 @@ def create_app(settings: Settings) -> GraphinferApp:
         # on every interface and collide with a second worker on the host.
         web_enabled=False,
         broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_max_poll_interval=settings.kafka_max_poll_interval_s,
         broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_s / 3.0),
         broker_commit_interval=0.5,
         consumer_auto_offset_reset="earliest",
@@ -313,11 +345,12 @@ def create_app(settings: Settings) -> GraphinferApp:
         topic_disable_leader=False,
         producer_acks=-1,
         producer_max_request_size=max(1_048_576, settings.max_message_bytes + 65_536),
-        stream_buffer_maxsize=max(4096, settings.batch_max_size * 4),
+        stream_buffer_maxsize=max(settings.stream_buffer_maxsize, settings.batch_max_size * 4),
         store="memory://",
         # Faust creates its data directory at start; graphinfer keeps no state
         # there (no tables), so it goes to the temporary directory, not the cwd.
         datadir=str(faust_root / "{conf.name}-data"),
+        **_metadata_age(settings),
     )
     request_topic = app.topic(settings.request_topic, key_serializer="raw", value_serializer="raw")
     batch_wait_s = settings.batch_max_wait_ms / 1000.0 or 0.001
@@ -335,6 +368,16 @@ def create_app(settings: Settings) -> GraphinferApp:
                 await stream.ack(event)
 
     return app
+
+
+def _metadata_age(settings: Settings) -> dict[str, int]:
+    # A topic the broker lost and the broker watch created again is assigned
+    # only once the consumer's metadata is refreshed, and Faust's default age
+    # is five minutes. Three check intervals leave the watch time to see a
+    # lost topic before the consumer's own metadata request recreates it.
+    if settings.kafka_topic_check_interval_s <= 0:
+        return {}
+    return {"consumer_metadata_max_age_ms": max(5000, int(settings.kafka_topic_check_interval_s * 3000))}
 
 
 def _message(event: Any) -> Message:

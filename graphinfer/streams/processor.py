@@ -4,6 +4,11 @@
 Kafka messages and returns once every message's outcome is stored in
 PostgreSQL and its replies are delivered; only then may the caller
 acknowledge the batch, so its offsets are committed only after that.
+
+A batch that raises an unexpected exception runs once more, then one
+message at a time. A message that still raises is answered ``failed`` with
+code ``internal`` and dead-lettered, so one message that breaks the
+worker's code does not stop the stream.
 """
 
 from __future__ import annotations
@@ -12,20 +17,20 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
-from aiokafka.errors import KafkaError
-
+from graphinfer import metrics
 from graphinfer.errors import ErrorDetail, GraphinferError, RequestRejected
 from graphinfer.models.decode import DecodedRequest, Limits, decode_request, request_hash
 from graphinfer.models.engine import Selection, select_models
 from graphinfer.models.pool import InferencePool, Job
 from graphinfer.models.repository import ModelCatalog
 from graphinfer.storage.db import Database, DeadLetter, RequestRecord, StoredRequest
+from graphinfer.streams.retry import FlowControl, Retrier
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ DLQ_HEADERS = (
     "graphinfer-dlq-offset",
 )
 TERMINAL = frozenset({"ok", "partial", "failed", "rejected", "expired"})
+_TRACEPARENT_RE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 # send(topic, key, value, partition, headers) schedules one message and
 # returns an awaitable that resolves once the broker has it.
@@ -94,6 +100,10 @@ class _Item:
     reply: dict[str, Any] | None = None
 
 
+class InjectedFault(RuntimeError):
+    """The failure that ``GRAPHINFER_FAULT_INJECTION_RAISE_AFTER_MESSAGES`` raises once, for tests."""
+
+
 class BatchProcessor:
     """Turns a batch of request messages into stored results and replies."""
 
@@ -107,6 +117,8 @@ class BatchProcessor:
         limits: Limits,
         default_models: Sequence[str] = (),
         retry_max_delay_s: float = 30.0,
+        flow: FlowControl | None = None,
+        raise_after_messages: int = 0,
     ) -> None:
         self.database = database
         # Replaced as a whole on a model reload; a batch keeps the one it started with.
@@ -115,10 +127,52 @@ class BatchProcessor:
         self.topics = topics
         self.limits = limits
         self.default_models = tuple(default_models)
-        self.retry_max_delay_s = retry_max_delay_s
+        self.retrier = Retrier(max_delay_s=retry_max_delay_s, flow=flow)
+        # Off unless a test sets GRAPHINFER_FAULT_INJECTION_RAISE_AFTER_MESSAGES.
+        self.raise_after_messages = raise_after_messages
+        self._messages_seen = 0
+        # (topic, partition) to the highest offset whose outcome is stored and delivered.
+        self.finished: dict[tuple[str, int], int] = {}
 
     async def process(self, messages: Sequence[Message]) -> None:
-        """Handle one batch; return only when its outcomes are stored and its replies delivered."""
+        """Handle one batch; return only when its outcomes are stored and its replies delivered.
+
+        Database and broker failures are retried until they succeed. Any
+        other exception makes the batch run once more, and when that fails
+        too, one message at a time.
+        """
+        try:
+            await self._process(messages)
+            return
+        except Exception:
+            metrics.BATCH_ERRORS.inc()
+            logger.exception(
+                "batch failed with an unexpected error; running it once more %s", _describe_offsets(messages)
+            )
+        # A failure that does not repeat costs one more run of the batch.
+        try:
+            await self._process(messages)
+            return
+        except Exception:
+            logger.exception(
+                "batch failed again; processing its %d messages one at a time %s",
+                len(messages),
+                _describe_offsets(messages),
+            )
+        for message in messages:
+            try:
+                await self._process([message])
+            except Exception as exc:
+                logger.exception(
+                    "message failed with an unexpected error; replying with status failed and dead-lettering it "
+                    "topic=%s partition=%d offset=%d",
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                )
+                await self._fail_internal(message, exc)
+
+    async def _process(self, messages: Sequence[Message]) -> None:
         now = datetime.now(UTC)
         models = self.models
         items = [_Item(message=message, received_at=now) for message in messages]
@@ -138,6 +192,7 @@ class BatchProcessor:
 
         # 4. Run the models off the event loop.
         await self._infer(items, models.pool)
+        self._maybe_inject_fault(len(items))
 
         # 5. Build the replies, then store everything in one transaction.
         for item in items:
@@ -146,6 +201,47 @@ class BatchProcessor:
 
         # 6. Deliver replies and dead letters.
         await self._retry("produce", lambda: self._deliver(items))
+        self._finish(items)
+
+    async def _fail_internal(self, message: Message, exc: Exception) -> None:
+        """Store and send a ``failed`` reply with code ``internal`` and dead-letter the message."""
+        item = _Item(message=message, received_at=datetime.now(UTC))
+        try:
+            self._decode(item)
+        except Exception:
+            logger.exception(
+                "decoding failed as well partition=%d offset=%d", message.partition, message.offset
+            )
+        # The request's own content may be what broke the worker, so none of
+        # it (metadata included) goes into the stored reply.
+        item.decoded = None
+        item.rejection = GraphinferError(
+            f"the worker failed on this message with an unexpected error ({type(exc).__name__}); "
+            "it was dead-lettered for an operator to inspect, and sending it again is unlikely to help",
+            code="internal",
+        )
+        item.reply = self._build_reply(item)
+        await self._retry("store", lambda: self.database.write_batch(*self._records([item])))
+        await self._retry("produce", lambda: self._deliver([item]))
+        self._finish([item])
+
+    def _finish(self, items: Sequence[_Item]) -> None:
+        for item in items:
+            message = item.message
+            key = (message.topic, message.partition)
+            self.finished[key] = max(self.finished.get(key, -1), message.offset)
+        _count(items)
+
+    def _maybe_inject_fault(self, count: int) -> None:
+        if self.raise_after_messages <= 0:
+            return
+        self._messages_seen += count
+        if self._messages_seen >= self.raise_after_messages:
+            self.raise_after_messages = 0
+            raise InjectedFault(
+                f"injected fault after {self._messages_seen} messages "
+                "(GRAPHINFER_FAULT_INJECTION_RAISE_AFTER_MESSAGES)"
+            )
 
     # --- steps ---------------------------------------------------------------
 
@@ -232,7 +328,8 @@ class BatchProcessor:
             "completed_at": completed_at.isoformat(),
         }
         if item.rejection is not None:
-            reply["status"] = "rejected"
+            # An internal error is the worker's failure, not the request's.
+            reply["status"] = "failed" if item.rejection.code == "internal" else "rejected"
             reply["error"] = item.rejection.to_dict()
             reply["skipped"] = list(getattr(item.rejection, "skipped", []))
         elif item.expired:
@@ -291,7 +388,7 @@ class BatchProcessor:
                     topic=message.topic,
                     partition=message.partition,
                     offset=message.offset,
-                    traceparent=_header_text(message, TRACEPARENT_HEADER),
+                    traceparent=_traceparent(message),
                     received_at=item.received_at,
                     completed_at=datetime.fromisoformat(reply["completed_at"]),
                     results=reply["results"],
@@ -315,15 +412,15 @@ class BatchProcessor:
                         await self.send(self.topics.replies, key, value, reply_partition, reply_headers)
                     )
             if item.rejection is not None:
-                pending.append(
-                    await self.send(
-                        self.topics.dead_letters,
-                        message.key,
-                        message.value,
-                        None,
-                        _dead_letter_headers(message, item.rejection),
-                    )
-                )
+                headers = _dead_letter_headers(message, item.rejection)
+                value = message.value
+                if value is not None and len(value) > self.limits.max_message_bytes:
+                    # The broker refuses records over its size limit, and such a
+                    # message is rejected for its size anyway: the dead-letter copy
+                    # keeps the first bytes and the original size in a header.
+                    headers.append(("graphinfer-dlq-truncated", str(len(value)).encode()))
+                    value = value[: self.limits.max_message_bytes]
+                pending.append(await self.send(self.topics.dead_letters, message.key, value, None, headers))
         await asyncio.gather(*pending)
 
     def _source(self, message: Message) -> tuple[str, str | None]:
@@ -333,22 +430,7 @@ class BatchProcessor:
 
     async def _retry(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
         """Run an operation until it succeeds, backing off up to ``retry_max_delay_s``."""
-        delay = 0.5
-        failures = 0
-        while True:
-            try:
-                result = await operation()
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, KafkaError, TimeoutError) as exc:
-                failures += 1
-                logger.warning(
-                    "%s failed, retrying in %.1f s attempt=%d error=%r", what, delay, failures, exc
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_delay_s)
-                continue
-            if failures:
-                logger.info("%s succeeded again after %d failed attempts", what, failures)
-            return result
+        return await self.retrier.run(what, operation)
 
 
 def _status(results: list[dict[str, Any]]) -> str:
@@ -361,6 +443,32 @@ def _status(results: list[dict[str, Any]]) -> str:
 def _header_text(message: Message, name: str) -> str | None:
     raw = message.headers.get(name)
     return None if raw is None else raw.decode("utf-8", errors="replace")
+
+
+def _traceparent(message: Message) -> str | None:
+    """Return the W3C traceparent header when well formed; anything else is not stored."""
+    text = _header_text(message, TRACEPARENT_HEADER)
+    if text is None or not _TRACEPARENT_RE.fullmatch(text.strip()):
+        return None
+    return text.strip()
+
+
+def _count(items: Sequence[_Item]) -> None:
+    for item in items:
+        if item.reply is not None:
+            metrics.MESSAGES.labels(item.reply["status"]).inc()
+        if item.rejection is not None:
+            metrics.DEAD_LETTERS.labels(item.rejection.code).inc()
+
+
+def _describe_offsets(messages: Sequence[Message]) -> str:
+    ranges: dict[tuple[str, int], list[int]] = {}
+    for message in messages:
+        ranges.setdefault((message.topic, message.partition), []).append(message.offset)
+    return " ".join(
+        f"{topic}/{partition}={min(offsets)}-{max(offsets)}"
+        for (topic, partition), offsets in sorted(ranges.items())
+    )
 
 
 def _reply_partition(message: Message) -> int | None:
