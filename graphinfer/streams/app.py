@@ -1,4 +1,4 @@
-"""The Faust application: the request agent and the worker's runtime.
+"""The Faust application: the request and replay agents and the worker's runtime.
 
 The agent reads raw bytes (never a Record-typed topic, which crashes the
 agent on undecodable input), takes batches without Faust's automatic acks,
@@ -6,10 +6,14 @@ and acknowledges a batch only after :class:`BatchProcessor` has stored its
 outcomes and delivered its replies. An exception or a cancellation inside
 the batch therefore leaves the batch unacknowledged, and the broker
 redelivers it to whichever worker owns the partition next.
+
+The runtime also runs the replay coordinator (:mod:`graphinfer.replay.coordinator`),
+which publishes scheduled runs to the replay topic when this worker leads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -21,8 +25,10 @@ from faust.types import TP
 from graphinfer.models.decode import Limits
 from graphinfer.models.pool import InferencePool
 from graphinfer.models.repository import ModelCatalog, scan
+from graphinfer.replay.coordinator import ReplayCoordinator
 from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
+from graphinfer.storage.replay import ReplayStore
 from graphinfer.streams.driver import effective_fetch_max_wait_ms, transport_class
 from graphinfer.streams.processor import BatchProcessor, Message, Topics
 
@@ -52,6 +58,7 @@ class WorkerRuntime:
         self.pool: InferencePool | None = None
         self.database: Database | None = None
         self.processor: BatchProcessor | None = None
+        self.replay_task: asyncio.Task[None] | None = None
 
     async def start(self, app: GraphinferApp) -> None:
         settings = self.settings
@@ -124,7 +131,13 @@ class WorkerRuntime:
             default_models=settings.default_models,
         )
 
+        coordinator = ReplayCoordinator(settings, ReplayStore(self.database.pool), self.name)
+        self.replay_task = asyncio.create_task(coordinator.run(), name="replay-coordinator")
+
     async def stop(self) -> None:
+        if self.replay_task is not None:
+            self.replay_task.cancel()
+            await asyncio.gather(self.replay_task, return_exceptions=True)
         if self.pool is not None:
             self.pool.stop()
         if self.database is not None:
@@ -210,17 +223,29 @@ def create_app(settings: Settings) -> GraphinferApp:
 
     @app.agent(request_topic, name="graphinfer.infer")
     async def infer(stream: faust.StreamT) -> None:
-        # noack_take (faust-streaming 0.15) yields events and leaves acking to
-        # the caller; StreamT does not declare it, hence the cast.
-        batches = cast(faust.Stream, stream).noack_take(settings.batch_max_size, within=batch_wait_s)
-        async for events in batches:
-            processor = app.runtime.processor
-            assert processor is not None, "the worker runtime starts before the agent"
-            await processor.process([_message(event) for event in events])
-            for event in events:
-                await stream.ack(event)
+        await _process_batches(app, stream, settings.batch_max_size, batch_wait_s)
+
+    # Replayed requests have their own agent and smaller batches, so an
+    # online request never queues behind a replay backlog.
+    replay_topic = app.topic(settings.replay_topic, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(replay_topic, name="graphinfer.replay", concurrency=1)
+    async def replay(stream: faust.StreamT) -> None:
+        await _process_batches(app, stream, settings.replay_batch_max_size, batch_wait_s)
 
     return app
+
+
+async def _process_batches(app: GraphinferApp, stream: faust.StreamT, size: int, wait_s: float) -> None:
+    # noack_take (faust-streaming 0.15) yields events and leaves acking to
+    # the caller; StreamT does not declare it, hence the cast.
+    batches = cast(faust.Stream, stream).noack_take(size, within=wait_s)
+    async for events in batches:
+        processor = app.runtime.processor
+        assert processor is not None, "the worker runtime starts before the agent"
+        await processor.process([_message(event) for event in events])
+        for event in events:
+            await stream.ack(event)
 
 
 def _message(event: Any) -> Message:
