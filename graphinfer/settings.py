@@ -161,7 +161,9 @@ class Settings(BaseSettings):
     replay_stale_s: float = Field(default=60.0, gt=0, le=86_400)
     """Seconds without a heartbeat after which another process resumes a run (default 60)."""
     replay_batch_max_size: int = Field(default=16, ge=1, le=10_000)
-    """Replayed requests per worker batch (default 16); small batches keep each replay step short."""
+    """Replayed requests per worker batch (default 16); processed two at a time while online requests arrive."""
+    replay_share: float = Field(default=0.25, gt=0, le=1)
+    """Largest fraction of a worker's time spent on replayed batches while online requests arrive (default 0.25)."""
 
     # --- Gateway and operations ------------------------------------------------
     gateway_host: str = "127.0.0.1"

@@ -110,11 +110,17 @@ class InferencePool:
         if self._executor is not None:
             self._kill()
 
-    async def run(self, jobs: Sequence[Job]) -> list[list[dict[str, Any]]]:
-        """Run jobs split across the processes; return results per job, in order."""
+    async def run(self, jobs: Sequence[Job], *, background: bool = False) -> list[list[dict[str, Any]]]:
+        """Run jobs split across the processes; return results per job, in order.
+
+        A ``background`` call splits its jobs over all processes but one. With
+        one background call at a time (the replay agent processes one batch
+        at a time), a call made meanwhile without it finds a free process.
+        """
         if not jobs:
             return []
-        chunks = _split(list(jobs), self._processes)
+        parts = self._processes - 1 if background and self._processes > 1 else self._processes
+        chunks = _split(list(jobs), parts)
         answers = await asyncio.gather(*(self._run_chunk(chunk) for chunk in chunks))
         return [result for answer in answers for result in answer]
 

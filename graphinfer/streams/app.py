@@ -30,6 +30,7 @@ from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
 from graphinfer.storage.replay import ReplayStore
 from graphinfer.streams.driver import effective_fetch_max_wait_ms, transport_class
+from graphinfer.streams.priority import OnlineFirst
 from graphinfer.streams.processor import BatchProcessor, Message, Topics
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class GraphinferApp(faust.App):
     def __init__(self, settings: Settings, **options: Any) -> None:
         self.settings = settings
         self.runtime = WorkerRuntime(settings)
+        self.online_first = OnlineFirst(replay_share=settings.replay_share)
         self._transport_cls = transport_class(settings.kafka_fetch_max_wait_ms)
         super().__init__(settings.app_id, **options)
 
@@ -223,7 +225,7 @@ def create_app(settings: Settings) -> GraphinferApp:
 
     @app.agent(request_topic, name="graphinfer.infer")
     async def infer(stream: faust.StreamT) -> None:
-        await _process_batches(app, stream, settings.batch_max_size, batch_wait_s)
+        await _process_batches(app, stream, settings.batch_max_size, batch_wait_s, online=True)
 
     # Replayed requests have their own agent and smaller batches, so an
     # online request never queues behind a replay backlog.
@@ -231,19 +233,28 @@ def create_app(settings: Settings) -> GraphinferApp:
 
     @app.agent(replay_topic, name="graphinfer.replay", concurrency=1)
     async def replay(stream: faust.StreamT) -> None:
-        await _process_batches(app, stream, settings.replay_batch_max_size, batch_wait_s)
+        await _process_batches(app, stream, settings.replay_batch_max_size, batch_wait_s, online=False)
 
     return app
 
 
-async def _process_batches(app: GraphinferApp, stream: faust.StreamT, size: int, wait_s: float) -> None:
+async def _process_batches(
+    app: GraphinferApp, stream: faust.StreamT, size: int, wait_s: float, *, online: bool
+) -> None:
     # noack_take (faust-streaming 0.15) yields events and leaves acking to
     # the caller; StreamT does not declare it, hence the cast.
     batches = cast(faust.Stream, stream).noack_take(size, within=wait_s)
     async for events in batches:
         processor = app.runtime.processor
         assert processor is not None, "the worker runtime starts before the agent"
-        await processor.process([_message(event) for event in events])
+        messages = [_message(event) for event in events]
+        if online:
+            async with app.online_first.online_batch():
+                await processor.process(messages)
+        else:
+            for step in app.online_first.replay_steps(messages):
+                async with app.online_first.replay_step():
+                    await processor.process(step)
         for event in events:
             await stream.ack(event)
 

@@ -203,7 +203,9 @@ class BatchProcessor:
             for item in runnable
             if item.selection is not None
         ]
-        answers = await self.pool.run(jobs)
+        # A batch from the replay topic runs in the background, leaving a pool process free for online batches.
+        background = bool(items) and all(item.message.topic == self.topics.replay for item in items)
+        answers = await self.pool.run(jobs, background=background)
         for item, results in zip(runnable, answers, strict=True):
             item.results = results
 
