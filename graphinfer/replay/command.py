@@ -40,7 +40,7 @@ from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
 from graphinfer.storage.replay import NewRun, ReplayRun, ReplayStore
 
-PROGRESS_POLL_S = 0.5
+PROGRESS_POLL_S = 1.0
 
 
 class ReplayCommandError(Exception):
@@ -285,7 +285,10 @@ def run_command(
         try:
             return asyncio.run(main())
         except KeyboardInterrupt:
-            return 130
+            return 128 + signal.SIGINT
+        except asyncio.CancelledError:
+            # Only the SIGTERM handler of _publish cancels the main task.
+            return 128 + signal.SIGTERM
 
 
 @contextlib.contextmanager

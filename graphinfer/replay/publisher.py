@@ -3,8 +3,10 @@
 The publisher owns the run while it heartbeats. It sends each readable
 record as a v1 request to the replay topic, with the run id in a header.
 At most ``window`` records are outstanding, that is published but not yet
-stored by the worker under the run id, as counted in PostgreSQL. The run is
-finished when every published record is stored.
+stored by the worker. The publisher keeps the ids it sent and, while the
+window is full, asks PostgreSQL which of them are stored, so each check
+costs at most ``window`` primary-key lookups however long the run is. The
+run is finished when every published record is stored.
 
 A resumed run (its earlier publisher died or was stopped) first waits for
 the records that publisher sent to stop arriving, then sends only the
@@ -52,7 +54,7 @@ class PublishOptions:
     stale_s: float
     max_message_bytes: int
     read_batch_size: int = 200
-    poll_s: float = 0.05
+    poll_s: float = 0.1
 
     @property
     def heartbeat_s(self) -> float:
@@ -83,6 +85,8 @@ class RunPublisher:
         self.run_id = ""
         self.published = 0
         self.all_published = False
+        # Request ids sent and not yet seen stored, oldest first (a dict keeps insertion order).
+        self.outstanding: dict[str, None] = {}
 
     async def execute(self, run: ReplayRun, *, wait: bool = True) -> ReplayRun:
         """Publish ``run`` and, with ``wait``, stay until it is finished; return its latest row.
@@ -217,7 +221,7 @@ class RunPublisher:
         )
         quiet_since = time.monotonic()
         while finished < run.published and time.monotonic() - quiet_since < self.options.drain_quiet_s:
-            await asyncio.sleep(self.options.poll_s * 4)
+            await asyncio.sleep(self.options.poll_s * 2)
             now_finished = await self._retry("count", lambda: self.store.finished_count(run.run_id))
             if now_finished != finished:
                 finished, quiet_since = now_finished, time.monotonic()
@@ -258,19 +262,29 @@ class RunPublisher:
             messages = [message for message in messages if message[0] not in stored]
 
         while messages:
-            room = await self._wait_for_room(run_id, len(messages))
+            room = await self._wait_for_room(len(messages))
             chunk, messages = messages[:room], messages[room:]
             await self._retry("produce", functools.partial(self._send, run_id, chunk))
+            self.outstanding.update(dict.fromkeys(request_id for request_id, _ in chunk))
             self.published += len(chunk)
 
-    async def _wait_for_room(self, run_id: str, wanted: int) -> int:
+    async def _wait_for_room(self, wanted: int) -> int:
         """Return how many more records may be sent, waiting until at least one may."""
         while True:
-            finished = await self._retry("count", lambda: self.store.finished_count(run_id))
-            room = self.options.window - (self.published - finished)
+            room = self.options.window - len(self.outstanding)
             if room > 0:
                 return min(room, wanted)
             await asyncio.sleep(self.options.poll_s)
+            await self._forget_stored()
+
+    async def _forget_stored(self) -> None:
+        """Drop the outstanding request ids that PostgreSQL has stored."""
+        if not self.outstanding:
+            return
+        ids = list(self.outstanding)
+        stored = await self._retry("read", lambda: self.store.stored_request_ids(ids))
+        for request_id in stored:
+            del self.outstanding[request_id]
 
     async def _send(self, run_id: str, chunk: list[tuple[str, bytes]]) -> None:
         headers = [(REPLAY_RUN_HEADER, run_id.encode()), ("graphinfer-schema", b"1")]
@@ -284,21 +298,22 @@ class RunPublisher:
         stalled_since = time.monotonic()
         last = -1
         while True:
-            finished = await self._retry("count", lambda: self.store.finished_count(run_id))
-            if finished >= self.published:
+            await self._forget_stored()
+            if not self.outstanding:
                 return
-            if finished != last:
-                last, stalled_since = finished, time.monotonic()
+            if len(self.outstanding) != last:
+                last, stalled_since = len(self.outstanding), time.monotonic()
             elif time.monotonic() - stalled_since > self.options.stale_s:
                 logger.warning(
-                    "replay run waiting for results run_id=%s outstanding=%d seconds_without_progress=%.0f; "
-                    "check that a worker consumes the replay topic",
+                    "replay run waiting for results run_id=%s outstanding=%d first=%s "
+                    "seconds_without_progress=%.0f; check that a worker consumes the replay topic",
                     run_id,
-                    self.published - finished,
+                    len(self.outstanding),
+                    next(iter(self.outstanding)),
                     time.monotonic() - stalled_since,
                 )
                 stalled_since = time.monotonic()
-            await asyncio.sleep(self.options.poll_s * 4)
+            await asyncio.sleep(self.options.poll_s * 2)
 
     async def _heartbeat(self, run_id: str) -> None:
         while True:

@@ -387,7 +387,7 @@ class ReplayStore:
         return [RecordError(row["position"], row["location"], row["reason"]) for row in rows]
 
     async def finished_count(self, run_id: str) -> int:
-        """Count the run's stored requests, whatever their status: the window's finished side."""
+        """Count the run's stored requests, whatever their status."""
         count: int = await self.pool.fetchval(
             "SELECT count(*) FROM inference_requests WHERE replay_run_id = $1", run_id
         )
