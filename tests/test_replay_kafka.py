@@ -14,8 +14,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from graphinfer.models import datasets
 from graphinfer.replay.coordinator import ReplayCoordinator
 from graphinfer.replay.examples import mutag_replay_records, write_jsonl
 from graphinfer.replay.sources import DatasetSpec, summarize_path
@@ -333,3 +335,76 @@ def test_replay_list_shows_runs(worker: WorkerProcess, mutag_file: Path) -> None
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("run id")
     assert re.search(r"manual-\S+\s+manual\s+\S+ \S+\s+finished\s+188\s+188", result.stdout)
+
+
+# --- isolation -------------------------------------------------------------------------
+
+
+async def online_latencies(
+    kafka: KafkaTestClient, graphs: list[dict[str, Any]], *, count: int, rate: float, tag: str
+) -> list[float]:
+    """Send ``count`` MUTAG requests open loop at ``rate`` per second; return each latency in ms."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+
+    async def one(index: int) -> None:
+        request_id = f"{tag}-{index}-{os.urandom(4).hex()}"
+        sent = time.perf_counter()
+        await kafka.publish(datasets.mutag_request(graphs[index % len(graphs)], request_id))
+        await kafka.wait_for_replies(request_id)
+        latencies.append((time.perf_counter() - sent) * 1000)
+
+    tasks = []
+    for index in range(count):
+        await asyncio.sleep(max(0.0, started + index / rate - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(index)))
+    await asyncio.gather(*tasks)
+    return latencies
+
+
+async def test_online_latency_during_replay(
+    worker: WorkerProcess, kafka: KafkaTestClient, tmp_path: Path
+) -> None:
+    _, graphs = datasets.mutag_holdout_split(datasets.load_mutag(), seed=0)
+    path = write_jsonl(tmp_path / "backlog.jsonl", numbered_mutag(3000, "backlog"))
+    environment = {**worker.environment, "GRAPHINFER_REPLAY_WINDOW": "100"}
+
+    # Idle phases before and after the replay, pooled, so that a burst of
+    # other load on the machine weighs on both sides of the comparison.
+    await online_latencies(kafka, graphs, count=20, rate=20, tag="warm-up")
+    idle = await online_latencies(kafka, graphs, count=100, rate=25, tag="idle-before")
+    replay = await asyncio.create_subprocess_exec(
+        *replay_command("--now", "--dataset", str(path)),
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        run_id = await _wait_for_stored(
+            kafka, DatasetSpec.from_path(path).stored_form(), at_least=100, timeout=60
+        )
+        during = await online_latencies(kafka, graphs, count=100, rate=25, tag="during")
+        stored_after = await _stored(kafka, run_id)
+    finally:
+        replay.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(replay.wait(), timeout=30)
+    await _wait_for_drain(kafka, run_id, timeout=30)
+    idle += await online_latencies(kafka, graphs, count=100, rate=25, tag="idle-after")
+
+    idle_p99, during_p99 = float(np.percentile(idle, 99)), float(np.percentile(during, 99))
+    assert stored_after < 3000, "the replay was still running when the online requests ended"
+    assert during_p99 <= 3 * idle_p99, (
+        f"online p99 {during_p99:.0f} ms during the replay, {idle_p99:.0f} ms idle"
+    )
+
+
+async def _wait_for_drain(kafka: KafkaTestClient, run_id: str, timeout: float) -> None:
+    """Wait until every record the stopped run published is stored."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        [run] = await kafka.fetch("SELECT published FROM replay_runs WHERE run_id = $1", run_id)
+        if await _stored(kafka, run_id) >= run["published"]:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"replay run {run_id} still had records outstanding after {timeout} s")
