@@ -1,20 +1,20 @@
 """Online latency with and without a large replay running, measured in one run.
 
-    python benchmarks/replay_isolation.py [--records 20000] [--rate 20] [--seconds 20]
+    python benchmarks/replay_isolation.py [--records 20000] [--rate 20] [--seconds 10] [--cycles 3]
 
 1. Start the embedded broker, a database of its own on the local PostgreSQL
    (``GRAPHINFER_DATABASE_URL``, default 127.0.0.1:5432) and one worker.
-2. Send MUTAG held-out graphs online, open loop at ``--rate`` requests per
-   second for ``--seconds``, and time each from publish to its reply on
-   ``predictions``.
-3. Start ``graphinfer replay --now`` on ``--records`` MUTAG graphs, wait until
-   its results flow, measure its rate alone for 10 s, then repeat step 2
-   while it runs.
-4. Stop the replay, wait until the worker has stored what was published,
-   and repeat step 2 once more.
-5. Print the machine, its load, the settings, p50 / p99 / max of the three
-   phases, the p99 during the replay over the p99 of both idle phases, the
-   replay's rates and the most records it had outstanding.
+2. Start ``graphinfer replay --now`` on ``--records`` MUTAG graphs and
+   measure the rate at which the worker stores them for 10 s.
+3. Repeat ``--cycles`` times: pause the replay's publisher (SIGSTOP), wait
+   until the worker has stored all it published, and send MUTAG held-out
+   graphs online, open loop at ``--rate`` requests per second for
+   ``--seconds``, timing each from publish to its reply on ``predictions``;
+   then resume the publisher (SIGCONT) and send the same load again while
+   the replay runs. Alternating spreads other load on the machine over both
+   conditions.
+4. Print the machine, its load, the settings, p50 / p99 / max of the idle
+   and the replay phases, the replay's rates and the worker's memory.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,28 @@ async def stored_and_published(database_url: str, dataset: str) -> tuple[int, in
         await connection.close()
 
 
+async def wait_until_stored(database_url: str, dataset: str, at_least: int) -> None:
+    while True:
+        stored, _ = await stored_and_published(database_url, dataset)
+        if stored >= at_least:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def wait_until_drained(database_url: str, dataset: str) -> None:
+    """Wait until the worker has stored every record the paused publisher sent."""
+    while True:
+        stored, published = await stored_and_published(database_url, dataset)
+        # published is the publisher's last heartbeat value and may lag, so
+        # the count must also stay still for a second.
+        if stored >= published:
+            await asyncio.sleep(1.0)
+            stored_again, _ = await stored_and_published(database_url, dataset)
+            if stored_again == stored:
+                return
+        await asyncio.sleep(0.2)
+
+
 async def replay_rate(database_url: str, dataset: str, seconds: float) -> float:
     """Return the records per second the worker stores for the replay of ``dataset`` over ``seconds``."""
     before, _ = await stored_and_published(database_url, dataset)
@@ -185,14 +208,8 @@ async def run(options: argparse.Namespace) -> None:
         await producer.start()
         await waiter.start()
         try:
-            # 2. Warm up, then the first idle phase.
+            # 2. Warm up, start the replay and measure its rate alone.
             await online_phase(producer, waiter, settings.request_topic, held_out, rate=10, seconds=5)
-            load = [os.getloadavg()[0]]
-            idle = await online_phase(
-                producer, waiter, settings.request_topic, held_out, options.rate, options.seconds
-            )
-
-            # 3. The replay alone, then with the same online load.
             replay = await asyncio.create_subprocess_exec(
                 *[sys.executable, "-m", "graphinfer", "replay", "--now", "--dataset", str(dataset)],
                 env=environment,
@@ -201,58 +218,50 @@ async def run(options: argparse.Namespace) -> None:
                 cwd=ROOT,
             )
             dataset_key = str(dataset.absolute())
-            while True:
-                stored, _ = await stored_and_published(database_url, dataset_key)
-                if stored >= options.window:
-                    break
-                await asyncio.sleep(0.2)
+            await wait_until_stored(database_url, dataset_key, at_least=options.window)
             alone_rate = await replay_rate(database_url, dataset_key, seconds=10)
-            outstanding: list[int] = []
+
+            # 3. Alternate idle and replay phases, so that other load on the
+            #    machine falls on both. Idle: the publisher is stopped
+            #    (SIGSTOP) and the worker has stored everything it published.
+            idle: list[float] = []
+            during: list[float] = []
+            cycles: list[tuple[float, float]] = []
             worker_rss: list[float] = []
-
-            async def sample() -> None:
-                while True:
-                    stored, published = await stored_and_published(database_url, dataset_key)
-                    outstanding.append(published - stored)
-                    worker_rss.append(rss_mb(worker.pid) if worker is not None else float("nan"))
-                    await asyncio.sleep(0.5)
-
-            sampler = asyncio.create_task(sample())
-            load.append(os.getloadavg()[0])
-            stored_before, _ = await stored_and_published(database_url, dataset_key)
-            phase_started = time.perf_counter()
-            during = await online_phase(
-                producer, waiter, settings.request_topic, held_out, options.rate, options.seconds
-            )
-            stored_after, _ = await stored_and_published(database_url, dataset_key)
-            shared_rate = (stored_after - stored_before) / (time.perf_counter() - phase_started)
-            sampler.cancel()
-
-            # 4. Stop the replay, let the worker drain it, and measure idle again.
-            replay.terminate()
-            await asyncio.wait_for(replay.wait(), timeout=30)
-            while True:
-                stored, published = await stored_and_published(database_url, dataset_key)
-                if stored >= published:
-                    break
-                await asyncio.sleep(0.2)
-            load.append(os.getloadavg()[0])
-            idle_after = await online_phase(
-                producer, waiter, settings.request_topic, held_out, options.rate, options.seconds
-            )
+            shared_rates: list[float] = []
+            load = [os.getloadavg()[0]]
+            for _ in range(options.cycles):
+                replay.send_signal(signal.SIGSTOP)
+                await wait_until_drained(database_url, dataset_key)
+                idle_phase = await online_phase(
+                    producer, waiter, settings.request_topic, held_out, options.rate, options.seconds
+                )
+                replay.send_signal(signal.SIGCONT)
+                stored, _ = await stored_and_published(database_url, dataset_key)
+                await wait_until_stored(database_url, dataset_key, at_least=stored + options.window // 2)
+                stored_before, _ = await stored_and_published(database_url, dataset_key)
+                phase_started = time.perf_counter()
+                during_phase = await online_phase(
+                    producer, waiter, settings.request_topic, held_out, options.rate, options.seconds
+                )
+                stored_after, _ = await stored_and_published(database_url, dataset_key)
+                shared_rates.append((stored_after - stored_before) / (time.perf_counter() - phase_started))
+                worker_rss.append(rss_mb(worker.pid))
+                idle += idle_phase
+                during += during_phase
+                cycles.append((float(np.percentile(idle_phase, 99)), float(np.percentile(during_phase, 99))))
             load.append(os.getloadavg()[0])
         finally:
             await waiter.stop()
             await producer.stop()
 
-        # 5. The report.
-        idle_p99 = float(np.percentile(idle + idle_after, 99))
+        # 4. The report.
+        idle_p99 = float(np.percentile(idle, 99))
         during_p99 = float(np.percentile(during, 99))
         print("graphinfer replay isolation benchmark (benchmarks/replay_isolation.py)")
         print(f"  machine         {machine()}")
         print(
-            f"  load average    {load[0]:.1f} at the start, {load[1]:.1f} when online requests meet the replay, "
-            f"{load[2]:.1f} after it, {load[3]:.1f} at the end (1 minute, whole machine)"
+            f"  load average    {load[0]:.1f} at the first cycle, {load[1]:.1f} after the last (1 minute, whole machine)"
         )
         print(
             f"  worker          GRAPHINFER_POOL_PROCESSES={settings.pool_processes}, batches of "
@@ -260,22 +269,22 @@ async def run(options: argparse.Namespace) -> None:
             f"GRAPHINFER_REPLAY_WINDOW={options.window}, GRAPHINFER_REPLAY_SHARE={options.share:g}"
         )
         print(
-            f"  online load     {options.rate:g} MUTAG requests/s, open loop, {options.seconds:g} s per phase "
-            "(publish to reply on predictions)"
+            f"  online load     {options.rate:g} MUTAG requests/s, open loop, {options.cycles} cycles of "
+            f"{options.seconds:g} s idle and {options.seconds:g} s during the replay (publish to reply on predictions)"
         )
         print(f"  {'phase':<16}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
-        print(summarize("idle before", idle))
+        print(summarize("idle", idle))
         print(summarize("during replay", during))
-        print(summarize("idle after", idle_after))
-        print(f"  p99 ratio       {during_p99 / idle_p99:.2f} (during replay / both idle phases)")
+        print(f"  p99 ratio       {during_p99 / idle_p99:.2f} (during replay / idle)")
+        print("  p99 per cycle   " + ", ".join(f"{before:.0f} / {after:.0f} ms" for before, after in cycles))
         print(
             f"  replay          {options.records} records; {alone_rate:.0f} records/s alone, "
-            f"{shared_rate:.0f} records/s beside the online load; at most {max(outstanding, default=0)} "
-            "outstanding (published - stored, sampled every 0.5 s)"
+            f"{np.mean(shared_rates):.0f} records/s beside the online load"
         )
-        print(f"  worker RSS      at most {max(worker_rss, default=float('nan')):.0f} MB during the replay")
+        print(f"  worker RSS      at most {max(worker_rss):.0f} MB during the replay")
     finally:
         if replay is not None and replay.returncode is None:
+            replay.send_signal(signal.SIGCONT)
             replay.terminate()
             await asyncio.wait_for(replay.wait(), timeout=30)
         if worker is not None:
@@ -288,7 +297,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=20_000, help="graphs in the replayed data set")
     parser.add_argument("--rate", type=float, default=20.0, help="online requests per second")
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each online phase")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each online phase")
+    parser.add_argument("--cycles", type=int, default=3, help="idle and replay phase pairs")
     parser.add_argument("--window", type=int, default=1_000, help="GRAPHINFER_REPLAY_WINDOW")
     parser.add_argument("--share", type=float, default=0.25, help="GRAPHINFER_REPLAY_SHARE")
     parser.add_argument("--repository", type=Path, default=Path("model-repo"), help="model repository")

@@ -368,11 +368,10 @@ async def test_online_latency_during_replay(
     _, graphs = datasets.mutag_holdout_split(datasets.load_mutag(), seed=0)
     path = write_jsonl(tmp_path / "backlog.jsonl", numbered_mutag(3000, "backlog"))
     environment = {**worker.environment, "GRAPHINFER_REPLAY_WINDOW": "100"}
+    idle: list[float] = []
+    during: list[float] = []
 
-    # Idle phases before and after the replay, pooled, so that a burst of
-    # other load on the machine weighs on both sides of the comparison.
     await online_latencies(kafka, graphs, count=20, rate=20, tag="warm-up")
-    idle = await online_latencies(kafka, graphs, count=100, rate=25, tag="idle-before")
     replay = await asyncio.create_subprocess_exec(
         *replay_command("--now", "--dataset", str(path)),
         env=environment,
@@ -384,13 +383,20 @@ async def test_online_latency_during_replay(
         run_id = await _wait_for_stored(
             kafka, DatasetSpec.from_path(path).stored_form(), at_least=100, timeout=60
         )
-        during = await online_latencies(kafka, graphs, count=100, rate=25, tag="during")
+        # Idle and replay phases alternate, so other load on the machine
+        # falls on both. Idle: the publisher is paused and its records stored.
+        for cycle in range(2):
+            replay.send_signal(signal.SIGSTOP)
+            await _wait_for_drain(kafka, run_id, timeout=30)
+            idle += await online_latencies(kafka, graphs, count=60, rate=25, tag=f"idle-{cycle}")
+            replay.send_signal(signal.SIGCONT)
+            await _wait_for_stored_more(kafka, run_id, more=50, timeout=30)
+            during += await online_latencies(kafka, graphs, count=60, rate=25, tag=f"during-{cycle}")
         stored_after = await _stored(kafka, run_id)
     finally:
+        replay.send_signal(signal.SIGCONT)
         replay.send_signal(signal.SIGTERM)
         await asyncio.wait_for(replay.wait(), timeout=30)
-    await _wait_for_drain(kafka, run_id, timeout=30)
-    idle += await online_latencies(kafka, graphs, count=100, rate=25, tag="idle-after")
 
     idle_p99, during_p99 = float(np.percentile(idle, 99)), float(np.percentile(during, 99))
     assert stored_after < 3000, "the replay was still running when the online requests ended"
@@ -399,12 +405,22 @@ async def test_online_latency_during_replay(
     )
 
 
-async def _wait_for_drain(kafka: KafkaTestClient, run_id: str, timeout: float) -> None:
-    """Wait until every record the stopped run published is stored."""
+async def _wait_for_stored_more(kafka: KafkaTestClient, run_id: str, *, more: int, timeout: float) -> None:
+    target = await _stored(kafka, run_id) + more
     deadline = time.monotonic() + timeout
+    while await _stored(kafka, run_id) < target:
+        assert time.monotonic() < deadline, f"replay run {run_id} stored fewer than {more} more records"
+        await asyncio.sleep(0.1)
+
+
+async def _wait_for_drain(kafka: KafkaTestClient, run_id: str, timeout: float) -> None:
+    """Wait until the stored count of a paused run stays still for half a second."""
+    deadline = time.monotonic() + timeout
+    last = -1
     while time.monotonic() < deadline:
-        [run] = await kafka.fetch("SELECT published FROM replay_runs WHERE run_id = $1", run_id)
-        if await _stored(kafka, run_id) >= run["published"]:
+        stored = await _stored(kafka, run_id)
+        if stored == last:
             return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"replay run {run_id} still had records outstanding after {timeout} s")
+        last = stored
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"replay run {run_id} was still storing records after {timeout} s")
