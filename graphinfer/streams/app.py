@@ -227,8 +227,9 @@ def create_app(settings: Settings) -> GraphinferApp:
     async def infer(stream: faust.StreamT) -> None:
         await _process_batches(app, stream, settings.batch_max_size, batch_wait_s, online=True)
 
-    # Replayed requests have their own agent and smaller batches, so an
-    # online request never queues behind a replay backlog.
+    # Replayed requests have their own agent, so an online request never
+    # queues behind a replay backlog; OnlineFirst makes replayed batches
+    # yield to online ones in the event loop and the pool.
     replay_topic = app.topic(settings.replay_topic, key_serializer="raw", value_serializer="raw")
 
     @app.agent(replay_topic, name="graphinfer.replay", concurrency=1)
