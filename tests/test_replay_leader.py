@@ -137,7 +137,12 @@ async def test_two_workers_one_run_per_tick(
             assert run["completed"] == RECORDS_PER_RUN, run
     stored = await fetch(
         leader_database,
-        "SELECT replay_run_id, count(*) AS n FROM inference_requests GROUP BY replay_run_id",
+        """
+        SELECT r.run_id, count(i.request_id) AS n
+        FROM replay_runs AS r LEFT JOIN inference_requests AS i ON i.replay_run_id = r.run_id
+        WHERE r.tick < $1 GROUP BY r.run_id
+        """,
+        stopped_at["now"],
     )
     assert all(row["n"] == RECORDS_PER_RUN for row in stored), "each run's records are stored once"
     fired = sum(log.read_text().count("replay tick fired tick=") for log in logs)

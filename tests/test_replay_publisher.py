@@ -17,17 +17,29 @@ from typing import Any
 
 import pytest
 
+from graphinfer.embedded import drop_database, ensure_database
 from graphinfer.replay.examples import mutag_replay_records, write_jsonl
 from graphinfer.replay.ids import make_run_id
 from graphinfer.replay.publisher import PublishOptions, RunPublisher
 from graphinfer.replay.sources import DatasetSpec, iter_jsonl, make_request, summarize_path
 from graphinfer.storage.db import Database
 from graphinfer.storage.replay import NewRun, ReplayRun, ReplayStore
+from tests.conftest import Services
+
+
+@pytest.fixture(scope="module")
+async def own_database(services: Services, session_id: str) -> AsyncIterator[str]:
+    # Not the session database: the session worker leads there and would
+    # take the pending and stale runs these tests create.
+    name = f"graphinfer_replay_publisher_{session_id}"
+    url = await ensure_database(services.server_url, name)
+    yield url
+    await drop_database(services.server_url, name)
 
 
 @pytest.fixture
-async def store(database_url: str) -> AsyncIterator[ReplayStore]:
-    database = await Database.connect(database_url, min_size=1, max_size=4)
+async def store(own_database: str) -> AsyncIterator[ReplayStore]:
+    database = await Database.connect(own_database, min_size=1, max_size=4)
     yield ReplayStore(database.pool)
     await database.close()
 

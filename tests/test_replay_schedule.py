@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from graphinfer.embedded import drop_database, ensure_database
 from graphinfer.replay.coordinator import TickTimer
 from graphinfer.replay.schedule import CronSchedule, ScheduleError
 from graphinfer.replay.sources import DatasetSpec
 from graphinfer.storage.db import Database
 from graphinfer.storage.replay import ReplayStore
+from tests.conftest import Services
 
 
 def utc(*parts: int, microsecond: int = 0) -> datetime:
@@ -97,9 +99,19 @@ class FakeClock:
         return self.now
 
 
+@pytest.fixture(scope="module")
+async def own_database(services: Services, session_id: str) -> AsyncIterator[str]:
+    # Not the session database: the session worker leads there and would
+    # take the pending and stale runs these tests create.
+    name = f"graphinfer_replay_schedule_{session_id}"
+    url = await ensure_database(services.server_url, name)
+    yield url
+    await drop_database(services.server_url, name)
+
+
 @pytest.fixture
-async def store(database_url: str) -> AsyncIterator[ReplayStore]:
-    database = await Database.connect(database_url, min_size=1, max_size=2)
+async def store(own_database: str) -> AsyncIterator[ReplayStore]:
+    database = await Database.connect(own_database, min_size=1, max_size=4)
     yield ReplayStore(database.pool)
     await database.close()
 
