@@ -164,6 +164,79 @@ def bench(kind: str, count: int, window: int, embedded: bool) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@main.command()
+@click.option(
+    "--now", "start_now", is_flag=True, help="Start a run of the data set now, published from this process."
+)
+@click.option(
+    "--resume",
+    "resume_id",
+    metavar="RUN_ID",
+    help="Resume a run that stopped: interrupted, failed, or whose publisher stopped heartbeating.",
+)
+@click.option("--list", "show_list", is_flag=True, help="List recent runs with their counts.")
+@click.option(
+    "--dataset",
+    type=click.Path(path_type=Path),
+    help="JSON Lines file (gzip or not) or directory of .json files (default: GRAPHINFER_REPLAY_DATASET).",
+)
+@click.option(
+    "--query",
+    help="SQL query returning (id, graph[, label]) ordered by id (default: GRAPHINFER_REPLAY_DATASET_QUERY).",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Stay until every record is stored, with progress, then print counts and accuracy.",
+)
+@click.option("--limit", default=20, show_default=True, help="Runs shown by --list.")
+@click.option(
+    "--embedded",
+    is_flag=True,
+    help="Start the embedded broker, a local PostgreSQL and a worker; implies --wait.",
+)
+def replay(
+    start_now: bool,
+    resume_id: str | None,
+    show_list: bool,
+    dataset: Path | None,
+    query: str | None,
+    wait: bool,
+    limit: int,
+    embedded: bool,
+) -> None:
+    """Replay a data set through the inference path, resume a run, or list runs."""
+    if start_now + (resume_id is not None) + show_list != 1:
+        raise click.UsageError("pass exactly one of --now, --resume RUN_ID and --list")
+    if (dataset is not None or query) and not start_now:
+        raise click.UsageError("--dataset and --query apply only to --now")
+    action = "now" if start_now else "resume" if resume_id is not None else "list"
+    with _maybe_embedded(embedded):
+        settings = _settings()
+        # Progress and results go to stdout; only warnings are logged unless DEBUG is asked for.
+        configure_logging(
+            "DEBUG" if settings.log_level == "DEBUG" else "WARNING",
+            settings.log_format,
+            settings.secret_values(),
+        )
+        from graphinfer.replay.command import ReplayCommandError, resolve_dataset, run_command
+
+        try:
+            spec = resolve_dataset(settings, dataset, query) if action == "now" else None
+            code = run_command(
+                settings,
+                action=action,
+                spec=spec,
+                run_id=resume_id,
+                wait=wait or embedded,
+                limit=limit,
+                with_worker=embedded and action != "list",
+            )
+        except (ConfigurationError, ReplayCommandError) as exc:
+            raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
 @main.group()
 def models() -> None:
     """Inspect, validate and train models."""

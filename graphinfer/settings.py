@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -170,13 +171,23 @@ class Settings(BaseSettings):
         default="0 0 * * *",
         validation_alias=AliasChoices("GRAPHINFER_REPLAY_SCHEDULE", "OFFLINE_TASK_SCHEDULE"),
     )
-    """Five-field cron expression of the offline replay (default ``0 0 * * *``)."""
+    """Five-field cron expression of the offline replay, or six fields with seconds first (default ``0 0 * * *``)."""
     replay_timezone: str = "UTC"
     """IANA time zone the schedule is read in (default UTC)."""
     replay_dataset: Path | None = None
     """Data set replayed on the schedule; none disables the scheduled replay."""
+    replay_dataset_query: str | None = None
+    """SQL query returning ``(id, graph[, label])`` ordered by id, replayed instead of a file (default none)."""
     replay_window: int = Field(default=1_000, ge=1, le=1_000_000)
     """Replay requests outstanding at once (default 1,000)."""
+    replay_missed_ticks: Literal["latest", "skip"] = "latest"
+    """A tick that passed while no worker led: ``latest`` runs the latest such tick late, ``skip`` drops it."""
+    replay_stale_s: float = Field(default=60.0, gt=0, le=86_400)
+    """Seconds without a heartbeat after which another process resumes a run (default 60)."""
+    replay_batch_max_size: int = Field(default=16, ge=1, le=10_000)
+    """Replayed requests per worker batch (default 16); processed two at a time while online requests arrive."""
+    replay_share: float = Field(default=0.25, gt=0, le=1)
+    """Largest fraction of a worker's time spent on replayed batches while online requests arrive (default 0.25)."""
 
     # --- Data retention ---------------------------------------------------------
     store_request_payloads: bool = False
@@ -301,11 +312,18 @@ class Settings(BaseSettings):
     @field_validator("replay_schedule")
     @classmethod
     def _check_schedule(cls, value: str) -> str:
-        fields = value.split()
-        if len(fields) != 5:
+        from graphinfer.replay.schedule import check_expression
+
+        return check_expression(value)
+
+    @field_validator("replay_dataset_query")
+    @classmethod
+    def _one_replay_dataset(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if not value or not value.strip():
+            return None
+        if info.data.get("replay_dataset") is not None:
             raise ValueError(
-                f"{value!r} has {len(fields)} fields; expected five-field cron, "
-                "'MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK' such as '0 0 * * *'"
+                "GRAPHINFER_REPLAY_DATASET and GRAPHINFER_REPLAY_DATASET_QUERY are both set; set one of them"
             )
         return value
 

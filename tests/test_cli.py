@@ -199,7 +199,9 @@ def test_send_names_bad_line(worker, tmp_path: Path) -> None:
 
 
 def test_bench_reports_latency(worker) -> None:
-    result = run_cli("bench", "--requests", "20", "--window", "4", environment=worker.environment, timeout=120)
+    result = run_cli(
+        "bench", "--requests", "20", "--window", "4", environment=worker.environment, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "20 sent, 20 answered" in result.stdout
     assert re.search(r"latency ms: p50 [\d.]+", result.stdout)

@@ -368,7 +368,9 @@ async def test_traceparent_travels_and_is_stored(
 ) -> None:
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     response = await client.post(
-        "/v1/predict", json=datasets.mutag_request(mutag_record, unique_id), headers={"traceparent": traceparent}
+        "/v1/predict",
+        json=datasets.mutag_request(mutag_record, unique_id),
+        headers={"traceparent": traceparent},
     )
     assert response.status_code == 200
     assert response.headers["traceparent"] == traceparent
@@ -376,9 +378,13 @@ async def test_traceparent_travels_and_is_stored(
     assert row["traceparent"] == traceparent
 
 
-async def test_traceparent_created_when_missing(client: httpx.AsyncClient, mutag_record: dict, unique_id: str) -> None:
+async def test_traceparent_created_when_missing(
+    client: httpx.AsyncClient, mutag_record: dict, unique_id: str
+) -> None:
     response = await client.post(
-        "/v1/requests", json=datasets.mutag_request(mutag_record, unique_id), headers={"traceparent": "garbage"}
+        "/v1/requests",
+        json=datasets.mutag_request(mutag_record, unique_id),
+        headers={"traceparent": "garbage"},
     )
     assert response.status_code == 202
     assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", response.headers["traceparent"])

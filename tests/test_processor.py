@@ -36,7 +36,7 @@ class MemoryDatabase:
 
 
 class NoPool:
-    async def run(self, jobs: list[Any]) -> list[Any]:
+    async def run(self, jobs: list[Any], *, background: bool = False) -> list[Any]:
         assert not jobs, "these tests send no request that reaches the models"
         return []
 

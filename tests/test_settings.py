@@ -80,12 +80,33 @@ def test_wrong_integer_names_variable_and_value(monkeypatch: pytest.MonkeyPatch)
     assert "'lots'" in str(caught.value)
 
 
-def test_cron_with_six_fields_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GRAPHINFER_REPLAY_SCHEDULE", "0 0 0 * * *")
+def test_cron_with_seven_fields_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRAPHINFER_REPLAY_SCHEDULE", "0 0 0 * * * 2026")
     with pytest.raises(ConfigurationError) as caught:
         load_settings()
     assert "GRAPHINFER_REPLAY_SCHEDULE" in str(caught.value)
     assert "five-field" in str(caught.value)
+
+
+def test_cron_with_seconds_field_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRAPHINFER_REPLAY_SCHEDULE", "*/2 * * * * *")
+    assert load_settings().replay_schedule == "*/2 * * * * *"
+
+
+def test_cron_out_of_range_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OFFLINE_TASK_SCHEDULE", "61 0 * * *")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert "OFFLINE_TASK_SCHEDULE" in str(caught.value)
+    assert "'61 0 * * *' is not a valid cron expression" in str(caught.value)
+
+
+def test_replay_dataset_and_query_conflict(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRAPHINFER_REPLAY_DATASET", "graphs.jsonl")
+    monkeypatch.setenv("GRAPHINFER_REPLAY_DATASET_QUERY", "SELECT id, graph FROM graphs ORDER BY id")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert "GRAPHINFER_REPLAY_DATASET and GRAPHINFER_REPLAY_DATASET_QUERY are both set" in str(caught.value)
 
 
 def test_unknown_time_zone_rejected(monkeypatch: pytest.MonkeyPatch) -> None:

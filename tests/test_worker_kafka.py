@@ -285,3 +285,24 @@ async def test_metadata_echoed(
     assert reply["metadata"] == {"tenant": "t1", "trace": "abc"}
     [row] = await kafka.fetch("SELECT traceparent FROM inference_requests WHERE request_id = $1", unique_id)
     assert row["traceparent"].startswith("00-0af7651916cd43dd")
+
+
+async def test_message_over_producer_limit_dead_lettered(
+    kafka: KafkaTestClient, mutag_test_records: list[dict], unique_id: str
+) -> None:
+    # Bigger than the producer's request size: the dead-letter copy must be cut to fit.
+    request = datasets.mutag_request(mutag_test_records[0], unique_id)
+    request["graph"]["nodes"][0]["pad"] = "x" * 1_200_000
+    await kafka.publish(request)
+    letter = await kafka.wait_for_dead_letter(lambda message: message.key == unique_id.encode())
+
+    headers = dict(letter.headers)
+    assert headers["graphinfer-dlq-code"] == b"message_too_large"
+    assert int(headers["graphinfer-dlq-truncated"]) > 1_200_000
+    assert len(letter.value) < int(headers["graphinfer-dlq-truncated"])
+    assert letter.value == json.dumps(request).encode()[: len(letter.value)]
+
+    after = f"{unique_id}-after"
+    await kafka.publish(datasets.mutag_request(mutag_test_records[0], after))
+    [reply] = await kafka.wait_for_replies(after)
+    assert reply["status"] == "ok"

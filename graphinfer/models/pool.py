@@ -303,22 +303,31 @@ class InferencePool:
         self._idle.put_nowait(process)
         return result
 
-    async def run(self, jobs: Sequence[Job]) -> list[list[dict[str, Any]]]:
-        """Run the jobs; return each job's results in the order of its model refs."""
+    async def run(self, jobs: Sequence[Job], *, background: bool = False) -> list[list[dict[str, Any]]]:
+        """Run the jobs; return each job's results in the order of its model refs.
+
+        A ``background`` call computes features on all processes but one, so
+        an online batch arriving meanwhile finds a free process.
+        """
         if not jobs:
             return []
         self._in_flight += 1
         self._drained.clear()
         try:
-            return await self._run(list(jobs))
+            return await self._run(list(jobs), background)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._drained.set()
 
-    async def _run(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
+    async def _run(self, jobs: list[Job], background: bool = False) -> list[list[dict[str, Any]]]:
         # 1. Features, the jobs split across the processes.
-        chunks = _split(list(range(len(jobs))), self.options.processes)
+        parts = (
+            self.options.processes - 1
+            if background and self.options.processes > 1
+            else self.options.processes
+        )
+        chunks = _split(list(range(len(jobs))), parts)
         answers = await asyncio.gather(
             *(self._call(("features", [jobs[index] for index in chunk])) for chunk in chunks),
             return_exceptions=True,

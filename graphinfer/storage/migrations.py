@@ -103,6 +103,36 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         """,
     ),
     (
+        2,
+        "replay schedule, run ownership and unreadable records",
+        """
+        ALTER TABLE replay_runs
+            ADD COLUMN trigger       text NOT NULL DEFAULT 'schedule' CHECK (trigger IN ('schedule', 'manual')),
+            ADD COLUMN owner         text,
+            ADD COLUMN attempts      integer NOT NULL DEFAULT 0,
+            ADD COLUMN error         text,
+            ADD COLUMN superseded_by text,
+            ADD CONSTRAINT replay_runs_status_check CHECK (status IN
+                ('pending', 'running', 'interrupted', 'finished', 'superseded', 'failed'));
+        CREATE INDEX replay_runs_status_idx ON replay_runs (status, tick);
+
+        CREATE TABLE replay_schedule (
+            app_id     text PRIMARY KEY,
+            last_tick  timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+
+        CREATE TABLE replay_record_errors (
+            run_id     text NOT NULL REFERENCES replay_runs (run_id) ON DELETE CASCADE,
+            position   bigint NOT NULL,
+            location   text NOT NULL,
+            reason     text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (run_id, position)
+        );
+        """,
+    ),
+    (
         3,
         "request payloads, retention indexes and dead letters per message",
         """

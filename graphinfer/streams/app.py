@@ -1,4 +1,4 @@
-"""The Faust application: the request agent and the worker's runtime.
+"""The Faust application: the request and replay agents and the worker's runtime.
 
 The agent reads raw bytes (never a Record-typed topic, which crashes the
 agent on undecodable input), takes batches without Faust's automatic acks,
@@ -6,6 +6,9 @@ and acknowledges a batch only after :class:`BatchProcessor` has stored its
 outcomes and delivered its replies. An exception or a cancellation inside
 the batch therefore leaves the batch unacknowledged, and the broker
 redelivers it to whichever worker owns the partition next.
+
+The runtime also runs the replay coordinator (:mod:`graphinfer.replay.coordinator`),
+which publishes scheduled runs to the replay topic when this worker leads.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from graphinfer import metrics
 from graphinfer.models.decode import Limits
 from graphinfer.models.pool import InferencePool, PoolOptions
 from graphinfer.models.repository import ModelCatalog, scan
+from graphinfer.replay.coordinator import ReplayCoordinator
 from graphinfer.settings import Settings
 from graphinfer.storage.db import Database
 from graphinfer.storage.deployments import HEARTBEAT_INTERVAL_S
+from graphinfer.storage.replay import ReplayStore
 from graphinfer.storage.retention import RETENTION_LOCK_KEY, RetentionPeriods, purge
 from graphinfer.streams.broker_watch import BrokerWatch
 from graphinfer.streams.driver import (
@@ -39,6 +44,7 @@ from graphinfer.streams.driver import (
     effective_fetch_max_wait_ms,
     transport_class,
 )
+from graphinfer.streams.priority import OnlineFirst
 from graphinfer.streams.processor import BatchProcessor, Message, ServedModels, Topics
 
 logger = logging.getLogger(__name__)
@@ -146,6 +152,8 @@ class WorkerRuntime:
             processor = self.processor
             watch = BrokerWatch(settings, lambda: processor.finished)
             self._tasks.append(asyncio.create_task(watch.run(), name="graphinfer-broker-watch"))
+        coordinator = ReplayCoordinator(settings, ReplayStore(self.database.pool), self.name)
+        self._tasks.append(asyncio.create_task(coordinator.run(), name="graphinfer-replay-coordinator"))
 
     async def reload(self) -> bool:
         """Scan the repository and switch to a new pool when the models changed; return whether it did."""
@@ -260,6 +268,7 @@ class GraphinferApp(faust.App):
     def __init__(self, settings: Settings, **options: Any) -> None:
         self.settings = settings
         self.runtime = WorkerRuntime(settings)
+        self.online_first = OnlineFirst(replay_share=settings.replay_share)
         self._transport_cls = transport_class(settings.kafka_fetch_max_wait_ms)
         super().__init__(settings.app_id, **options)
         self.assignments = 0
@@ -357,17 +366,39 @@ def create_app(settings: Settings) -> GraphinferApp:
 
     @app.agent(request_topic, name="graphinfer.infer")
     async def infer(stream: faust.StreamT) -> None:
-        # noack_take (faust-streaming 0.15) yields events and leaves acking to
-        # the caller; StreamT does not declare it, hence the cast.
-        batches = cast(faust.Stream, stream).noack_take(settings.batch_max_size, within=batch_wait_s)
-        async for events in batches:
-            processor = app.runtime.processor
-            assert processor is not None, "the worker runtime starts before the agent"
-            await processor.process([_message(event) for event in events])
-            for event in events:
-                await stream.ack(event)
+        await _process_batches(app, stream, settings.batch_max_size, batch_wait_s, online=True)
+
+    # Replayed requests have their own agent, so an online request never
+    # queues behind a replay backlog; OnlineFirst makes replayed batches
+    # yield to online ones in the event loop and the pool.
+    replay_topic = app.topic(settings.replay_topic, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(replay_topic, name="graphinfer.replay", concurrency=1)
+    async def replay(stream: faust.StreamT) -> None:
+        await _process_batches(app, stream, settings.replay_batch_max_size, batch_wait_s, online=False)
 
     return app
+
+
+async def _process_batches(
+    app: GraphinferApp, stream: faust.StreamT, size: int, wait_s: float, *, online: bool
+) -> None:
+    # noack_take (faust-streaming 0.15) yields events and leaves acking to
+    # the caller; StreamT does not declare it, hence the cast.
+    batches = cast(faust.Stream, stream).noack_take(size, within=wait_s)
+    async for events in batches:
+        processor = app.runtime.processor
+        assert processor is not None, "the worker runtime starts before the agent"
+        messages = [_message(event) for event in events]
+        if online:
+            async with app.online_first.online_batch():
+                await processor.process(messages)
+        else:
+            for step in app.online_first.replay_steps(messages):
+                async with app.online_first.replay_step():
+                    await processor.process(step)
+        for event in events:
+            await stream.ack(event)
 
 
 def _metadata_age(settings: Settings) -> dict[str, int]:

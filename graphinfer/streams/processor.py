@@ -307,7 +307,9 @@ class BatchProcessor:
             for item in runnable
             if item.selection is not None
         ]
-        answers = await pool.run(jobs)
+        # A batch from the replay topic runs in the background, leaving a pool process free for online batches.
+        background = bool(items) and all(item.message.topic == self.topics.replay for item in items)
+        answers = await pool.run(jobs, background=background)
         for item, results in zip(runnable, answers, strict=True):
             item.results = results
 
@@ -413,14 +415,18 @@ class BatchProcessor:
                     )
             if item.rejection is not None:
                 headers = _dead_letter_headers(message, item.rejection)
-                value = message.value
-                if value is not None and len(value) > self.limits.max_message_bytes:
-                    # The broker refuses records over its size limit, and such a
-                    # message is rejected for its size anyway: the dead-letter copy
-                    # keeps the first bytes and the original size in a header.
-                    headers.append(("graphinfer-dlq-truncated", str(len(value)).encode()))
-                    value = value[: self.limits.max_message_bytes]
-                pending.append(await self.send(self.topics.dead_letters, message.key, value, None, headers))
+                original = message.value
+                # The producer refuses records over its request size (the
+                # message limit plus 64 KiB, at least 1 MiB), so the dead-letter
+                # copy of a larger message keeps its first bytes and records the
+                # original size in a header. 16 KiB are left for key and headers.
+                room = max(1_048_576, self.limits.max_message_bytes + 65_536) - 16_384
+                if original is not None and len(original) > room:
+                    headers.append(("graphinfer-dlq-truncated", str(len(original)).encode()))
+                    original = original[:room]
+                pending.append(
+                    await self.send(self.topics.dead_letters, message.key, original, None, headers)
+                )
         await asyncio.gather(*pending)
 
     def _source(self, message: Message) -> tuple[str, str | None]:
