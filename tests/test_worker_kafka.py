@@ -306,3 +306,51 @@ async def test_message_over_producer_limit_dead_lettered(
     await kafka.publish(datasets.mutag_request(mutag_test_records[0], after))
     [reply] = await kafka.wait_for_replies(after)
     assert reply["status"] == "ok"
+
+
+async def test_same_id_twice_back_to_back_answered_once(
+    kafka: KafkaTestClient, mutag_test_records: list[dict], unique_id: str
+) -> None:
+    request = datasets.mutag_request(mutag_test_records[8], unique_id)
+    await kafka.publish(request)
+    await kafka.publish(request)
+    first, second = await kafka.wait_for_replies(unique_id, count=2)
+
+    assert first == second
+    rows = await kafka.fetch("SELECT model FROM predictions WHERE request_id = $1", unique_id)
+    assert len(rows) == 1
+
+
+async def test_same_id_other_graph_back_to_back_conflicts(
+    kafka: KafkaTestClient, mutag_test_records: list[dict], unique_id: str
+) -> None:
+    await kafka.publish(datasets.mutag_request(mutag_test_records[9], unique_id))
+    await kafka.publish(datasets.mutag_request(mutag_test_records[10], unique_id))
+    first, second = await kafka.wait_for_replies(unique_id, count=2)
+
+    assert first["status"] == "ok"
+    assert second["status"] == "rejected"
+    assert second["error"]["code"] == "request_id_conflict"
+
+
+async def test_corrected_request_reuses_rejected_id(
+    kafka: KafkaTestClient, mutag_test_records: list[dict], unique_id: str
+) -> None:
+    request = datasets.mutag_request(mutag_test_records[11], unique_id)
+    await kafka.publish({**request, "colour": "blue"})
+    [rejected] = await kafka.wait_for_replies(unique_id)
+    await kafka.publish(request)
+    replies = await kafka.wait_for_replies(unique_id, count=2)
+
+    assert rejected["error"]["code"] == "invalid_request"
+    assert replies[1]["status"] == "ok"
+    [row] = await kafka.fetch("SELECT status FROM inference_requests WHERE request_id = $1", unique_id)
+    assert row["status"] == "ok"
+
+
+async def test_unreadable_message_answered_under_key(kafka: KafkaTestClient, unique_id: str) -> None:
+    await kafka.publish(b"{not json", key=unique_id)
+    [reply] = await kafka.wait_for_replies(unique_id)
+
+    assert reply["status"] == "rejected"
+    assert reply["error"]["code"] == "invalid_json"

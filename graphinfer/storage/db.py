@@ -219,7 +219,8 @@ ON CONFLICT (request_id) DO UPDATE SET
     kafka_offset = EXCLUDED.kafka_offset,
     completed_at = EXCLUDED.completed_at,
     updated_at = now()
-WHERE stored.status = 'pending' AND stored.request_hash = EXCLUDED.request_hash
+WHERE (stored.status = 'pending' AND stored.request_hash = EXCLUDED.request_hash)
+    OR stored.status = 'rejected'
 """
 
 _INSERT_PREDICTION = """

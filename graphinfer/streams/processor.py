@@ -29,11 +29,13 @@ from graphinfer.models.decode import DecodedRequest, Limits, decode_request, req
 from graphinfer.models.engine import Selection, select_models
 from graphinfer.models.pool import InferencePool, Job
 from graphinfer.models.repository import ModelCatalog
+from graphinfer.models.schema import REQUEST_ID_PATTERN
 from graphinfer.storage.db import Database, DeadLetter, RequestRecord, StoredRequest
 from graphinfer.streams.retry import FlowControl, Retrier
 
 logger = logging.getLogger(__name__)
 
+_REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 REPLY_PARTITION_HEADER = "graphinfer-reply-partition"
 REPLAY_RUN_HEADER = "graphinfer-replay-run"
 TRACEPARENT_HEADER = "traceparent"
@@ -94,6 +96,8 @@ class _Item:
     request_hash: str | None = None
     rejection: GraphinferError | None = None
     stored_reply: dict[str, Any] | None = None
+    # An earlier message of the same batch with the same request_id and request.
+    duplicate_of: _Item | None = None
     selection: Selection | None = None
     expired: bool = False
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -184,10 +188,16 @@ class BatchProcessor:
         # 2. Compare with what is stored: a finished request re-emits its
         #    stored reply, and a reused id with another request is a conflict.
         await self._check_stored(items)
+        self._merge_duplicates(items)
 
         # 3. Select models, expire late requests.
         for item in items:
-            if item.decoded is not None and item.rejection is None and item.stored_reply is None:
+            if (
+                item.decoded is not None
+                and item.rejection is None
+                and item.stored_reply is None
+                and item.duplicate_of is None
+            ):
                 self._select(item, models.catalog)
 
         # 4. Run the models off the event loop.
@@ -196,7 +206,10 @@ class BatchProcessor:
 
         # 5. Build the replies, then store everything in one transaction.
         for item in items:
-            item.reply = item.stored_reply or self._build_reply(item)
+            if item.duplicate_of is not None:
+                item.reply = item.duplicate_of.reply
+            else:
+                item.reply = item.stored_reply or self._build_reply(item)
         await self._retry("store", lambda: self.database.write_batch(*self._records(items)))
 
         # 6. Deliver replies and dead letters.
@@ -253,7 +266,9 @@ class BatchProcessor:
             )
         except RequestRejected as exc:
             item.rejection = exc
-            item.request_id = getattr(exc, "request_id", None)
+            # The Kafka key carries the request_id by contract, so a message whose
+            # body cannot give one (not JSON, too large) is still answered under it.
+            item.request_id = getattr(exc, "request_id", None) or _key_as_request_id(message.key)
             item.request_hash = hashlib.sha256(message.value or b"").hexdigest()
             logger.debug(
                 "request rejected request_id=%s code=%s partition=%d offset=%d",
@@ -277,6 +292,10 @@ class BatchProcessor:
             previous = stored.get(item.request_id or "")
             if previous is None:
                 continue
+            if previous.status == "rejected":
+                # A rejected request does not use up its id: a corrected request,
+                # or the owner's after a message under a wrong key, is processed.
+                continue
             if previous.request_hash != item.request_hash:
                 if item.rejection is None:
                     item.rejection = GraphinferError(
@@ -288,6 +307,26 @@ class BatchProcessor:
                     item.decoded = None
             elif previous.status in TERMINAL and previous.reply is not None:
                 item.stored_reply = previous.reply
+
+    def _merge_duplicates(self, items: list[_Item]) -> None:
+        """Answer a request_id that appears twice in one batch once, and conflict on a different request."""
+        first: dict[str, _Item] = {}
+        for item in items:
+            if item.request_id is None or item.rejection is not None or item.stored_reply is not None:
+                continue
+            earlier = first.get(item.request_id)
+            if earlier is None:
+                first[item.request_id] = item
+            elif earlier.request_hash == item.request_hash:
+                item.duplicate_of = earlier
+            else:
+                item.rejection = GraphinferError(
+                    f"request_id {item.request_id!r} was already used for a different request "
+                    "(its graph, task, models or targets differ); send a new request_id",
+                    code="request_id_conflict",
+                    details=[ErrorDetail("request_id", item.request_id, "unused, or the same request")],
+                )
+                item.decoded = None
 
     def _select(self, item: _Item, catalog: ModelCatalog) -> None:
         assert item.decoded is not None
@@ -370,7 +409,7 @@ class BatchProcessor:
                         reason=item.rejection.message,
                     )
                 )
-            if item.request_id is None or item.stored_reply is not None:
+            if item.request_id is None or item.stored_reply is not None or item.duplicate_of is not None:
                 continue
             if item.rejection is not None and item.rejection.code == "request_id_conflict":
                 continue
@@ -437,6 +476,13 @@ class BatchProcessor:
     async def _retry(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
         """Run an operation until it succeeds, backing off up to ``retry_max_delay_s``."""
         return await self.retrier.run(what, operation)
+
+
+def _key_as_request_id(key: bytes | None) -> str | None:
+    if key is None:
+        return None
+    text = key.decode("utf-8", errors="replace")
+    return text if _REQUEST_ID_RE.fullmatch(text) else None
 
 
 def _status(results: list[dict[str, Any]]) -> str:
