@@ -198,7 +198,7 @@ def _postgres_bin_dir() -> Path:
     )
     if not candidates:
         raise ConfigurationError(
-            "no PostgreSQL answers at GRAPHINFER_DATABASE_URL and no server binaries were found under "
+            "no PostgreSQL accepted a connection at GRAPHINFER_DATABASE_URL and no server binaries were found under "
             "/usr/lib/postgresql (Debian package postgresql); start a PostgreSQL or install the package"
         )
     return Path(candidates[-1]).parent
@@ -336,7 +336,7 @@ class EmbeddedStack:
             server_url = self.server_url or os.environ.get("GRAPHINFER_DATABASE_URL") or DEFAULT_DATABASE_URL
             if not await _database_answers(server_url):
                 logger.info(
-                    "no PostgreSQL answers at %s; starting a private cluster", _hide_password(server_url)
+                    "no PostgreSQL accepted a connection at %s; starting a private cluster", _hide_password(server_url)
                 )
                 self.cluster = PrivateCluster().start()
                 server_url = self.cluster.url

@@ -249,7 +249,7 @@ class InferencePool:
         loaded = set.intersection(*(set(process.loaded) for process in started))
         for process in started:
             for ref, reason in process.refused.items():
-                logger.error("model refused in inference process model=%s reason=%s", ref, reason)
+                logger.error("model rejected in inference process model=%s reason=%s", ref, reason)
         self.loaded = loaded
         return loaded
 

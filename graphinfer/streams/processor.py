@@ -1,6 +1,6 @@
 """The worker's batch step: decode, select, infer, store, reply.
 
-:class:`BatchProcessor` knows nothing of Faust. It takes a batch of raw
+:class:`BatchProcessor` does not depend on Faust. It takes a batch of raw
 Kafka messages and returns once every message's outcome is stored in
 PostgreSQL and its replies are delivered; only then may the caller
 acknowledge the batch, so its offsets are committed only after that.
