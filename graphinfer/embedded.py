@@ -336,7 +336,8 @@ class EmbeddedStack:
             server_url = self.server_url or os.environ.get("GRAPHINFER_DATABASE_URL") or DEFAULT_DATABASE_URL
             if not await _database_answers(server_url):
                 logger.info(
-                    "no PostgreSQL accepted a connection at %s; starting a private cluster", _hide_password(server_url)
+                    "no PostgreSQL accepted a connection at %s; starting a private cluster",
+                    _hide_password(server_url),
                 )
                 self.cluster = PrivateCluster().start()
                 server_url = self.cluster.url

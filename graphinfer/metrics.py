@@ -1,13 +1,13 @@
 """The worker's counters, in one prometheus_client registry.
 
-Nothing here serves them over HTTP. :data:`REGISTRY` is what a metrics
-endpoint would expose, and :func:`summary` turns the counters into one log
-line, which the worker writes when it stops.
+:func:`serve` exposes :data:`REGISTRY` on ``GRAPHINFER_WORKER_METRICS_PORT``,
+and :func:`summary` turns the counters into one log line, which the worker
+writes when it stops.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -51,6 +51,39 @@ TOPICS_RECREATED = Counter(
     ["topic"],
     registry=REGISTRY,
 )
+
+
+BATCH_SIZE = Histogram(
+    "graphinfer_worker_batch_size",
+    "Messages per batch the worker processed.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=REGISTRY,
+)
+MODEL_LATENCY = Histogram(
+    "graphinfer_worker_model_latency_seconds",
+    "Feature and model time of one model's result for one request, by model.",
+    ["model"],
+    registry=REGISTRY,
+)
+MODEL_RESULTS = Counter(
+    "graphinfer_worker_model_results",
+    "Model results, by model and by status or error code.",
+    ["model", "outcome"],
+    registry=REGISTRY,
+)
+END_TO_END = Histogram(
+    "graphinfer_worker_end_to_end_seconds",
+    "Seconds from the worker receiving a message to its reply being delivered.",
+    registry=REGISTRY,
+)
+
+
+def serve(host: str, port: int) -> int:
+    """Serve :data:`REGISTRY` over HTTP on a background thread; return the port it listens on."""
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+    return int(server.server_port)
 
 
 def summary() -> str:

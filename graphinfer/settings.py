@@ -214,8 +214,10 @@ class Settings(BaseSettings):
     """Maximum requests one gateway replica handles at once; more get 429 (default 512)."""
     api_keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
     """API key to tenant map, ``tenant=key`` pairs separated by commas; empty runs the gateway open."""
+    worker_metrics_host: str = "127.0.0.1"
+    """Address the worker's Prometheus endpoint listens on (default 127.0.0.1; 0.0.0.0 in containers)."""
     worker_metrics_port: int = Field(default=0, ge=0, le=65_535)
-    """Port of the worker's metrics endpoint; 0 picks a free one."""
+    """Port of the worker's Prometheus endpoint; 0 picks a free one, so workers can share a host (default 0)."""
     log_format: Literal["text", "json"] = "text"
     """``text`` (default) or ``json`` lines."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -65,8 +65,9 @@ def native_environment(
     )
     if "GRAPHINFER_WORKER_METRICS_PORT" in environment:
         environment["GRAPHINFER_WORKER_METRICS_PORT"] = "0"  # two workers on one host
-    if environment.get("GRAPHINFER_GATEWAY_HOST") == "0.0.0.0":
-        environment["GRAPHINFER_GATEWAY_HOST"] = "127.0.0.1"
+    for setting in ("GRAPHINFER_GATEWAY_HOST", "GRAPHINFER_WORKER_METRICS_HOST"):
+        if environment.get(setting) == "0.0.0.0":
+            environment[setting] = "127.0.0.1"
     for topic, setting in TOPIC_SETTINGS.items():
         environment[setting] = f"{prefix}.{topic}"
     return environment

@@ -354,3 +354,29 @@ async def test_unreadable_message_answered_under_key(kafka: KafkaTestClient, uni
 
     assert reply["status"] == "rejected"
     assert reply["error"]["code"] == "invalid_json"
+
+
+async def test_worker_metrics_served(
+    worker: WorkerProcess, kafka: KafkaTestClient, mutag_test_records: list[dict], unique_id: str
+) -> None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await kafka.publish(datasets.mutag_request(mutag_test_records[0], unique_id))
+    await kafka.wait_for_replies(unique_id)
+    match = re.search(r"metrics served url=(\S+)", worker.log())
+    assert match is not None
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(match.group(1))).text
+
+    families = {family.name for family in text_string_to_metric_families(text)}
+    for name in (
+        "graphinfer_worker_messages",
+        "graphinfer_worker_dead_letters",
+        "graphinfer_worker_batch_size",
+        "graphinfer_worker_model_latency_seconds",
+        "graphinfer_worker_model_results",
+        "graphinfer_worker_end_to_end_seconds",
+    ):
+        assert name in families, name
+    assert 'graphinfer_worker_model_results_total{model="mutag-wl",outcome="ok"}' in text

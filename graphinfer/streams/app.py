@@ -111,6 +111,8 @@ class WorkerRuntime:
 
     async def start(self, app: GraphinferApp) -> None:
         settings = self.settings
+        port = metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
+        logger.info("metrics served url=http://%s:%d/metrics", settings.worker_metrics_host, port)
         self.database = await Database.connect(
             settings.dsn,
             min_size=settings.database_pool_min_size,

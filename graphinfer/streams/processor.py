@@ -239,10 +239,21 @@ class BatchProcessor:
         self._finish([item])
 
     def _finish(self, items: Sequence[_Item]) -> None:
+        delivered = datetime.now(UTC)
+        metrics.BATCH_SIZE.observe(len(items))
         for item in items:
             message = item.message
             key = (message.topic, message.partition)
             self.finished[key] = max(self.finished.get(key, -1), message.offset)
+            metrics.END_TO_END.observe((delivered - item.received_at).total_seconds())
+            if item.stored_reply is None and item.duplicate_of is None:
+                for result in (item.reply or {}).get("results", []):
+                    outcome = (
+                        "ok" if result["status"] == "ok" else (result.get("error") or {}).get("code", "error")
+                    )
+                    metrics.MODEL_RESULTS.labels(result["model"], outcome).inc()
+                    if result.get("latency_ms") is not None:
+                        metrics.MODEL_LATENCY.labels(result["model"]).observe(result["latency_ms"] / 1000.0)
         _count(items)
 
     def _maybe_inject_fault(self, count: int) -> None:
