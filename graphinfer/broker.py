@@ -34,7 +34,7 @@ async def connect_admin(settings: Settings, timeout_s: float = 10.0) -> AIOKafka
     except (KafkaConnectionError, KafkaError, OSError, TimeoutError) as exc:
         await admin.close()
         raise ConfigurationError(
-            f"no Kafka broker answered at {settings.kafka_bootstrap_servers} "
+            f"no Kafka broker responded at {settings.kafka_bootstrap_servers} "
             f"(GRAPHINFER_KAFKA_BOOTSTRAP_SERVERS) within {timeout_s:.0f} s: {exc!r}; "
             "start the broker or fix the setting"
         ) from None

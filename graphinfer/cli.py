@@ -210,7 +210,12 @@ def replay(
         raise click.UsageError("pass exactly one of --now, --resume RUN_ID and --list")
     if (dataset is not None or query) and not start_now:
         raise click.UsageError("--dataset and --query apply only to --now")
-    action = "now" if start_now else "resume" if resume_id is not None else "list"
+    if start_now:
+        action = "now"
+    elif resume_id is not None:
+        action = "resume"
+    else:
+        action = "list"
     with _maybe_embedded(embedded):
         settings = _settings()
         # Progress and results go to stdout; only warnings are logged unless DEBUG is asked for.

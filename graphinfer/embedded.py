@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from graphinfer.errors import ConfigurationError
+from graphinfer.storage.db import describe_dsn
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ class EmbeddedStack:
             if not await _database_answers(server_url):
                 logger.info(
                     "no PostgreSQL accepted a connection at %s; starting a private cluster",
-                    _hide_password(server_url),
+                    describe_dsn(server_url),
                 )
                 self.cluster = PrivateCluster().start()
                 server_url = self.cluster.url
@@ -374,10 +375,3 @@ def terminate_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _hide_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
-    return url

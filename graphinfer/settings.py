@@ -3,7 +3,7 @@
 One class, read once at start-up. A wrong value stops the process with a
 message that names the variable and the expected form. The older names
 ``MODEL_PATHS``, ``DB_URL`` and ``OFFLINE_TASK_SCHEDULE`` are read too; when
-both an old and a new name are set, the new one wins and a warning says so.
+both an old and a new name are set, the new one wins and a warning is logged.
 """
 
 from __future__ import annotations
@@ -160,9 +160,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=1_000_000, ge=1_024, le=100_000_000)
     """Largest request in bytes (default 1,000,000)."""
     max_nodes: int = Field(default=20_000, ge=1, le=10_000_000)
-    """Most nodes in one request graph (default 20,000)."""
+    """Maximum nodes in one request graph (default 20,000)."""
     max_edges: int = Field(default=100_000, ge=0, le=100_000_000)
-    """Most edges in one request graph (default 100,000)."""
+    """Maximum edges in one request graph (default 100,000)."""
     max_targets: int = Field(default=20_000, ge=1, le=10_000_000)
     """Most node plus edge targets in one request (default 20,000)."""
 

@@ -192,4 +192,4 @@ async def test_broken_new_version_keeps_serving(
 
     assert after["status"] == "ok"
     assert after["results"][0]["version"] == before["results"][0]["version"]
-    assert re.search(r"model refused path=\S+/versioned/9", model_worker.log())
+    assert re.search(r"model rejected path=\S+/versioned/9", model_worker.log())

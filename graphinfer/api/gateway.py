@@ -201,7 +201,7 @@ class Gateway:
         except (KafkaError, OSError, TimeoutError) as exc:
             self._set_problem(
                 "broker",
-                f"no Kafka broker answered at {self.settings.kafka_bootstrap_servers} "
+                f"no Kafka broker responded at {self.settings.kafka_bootstrap_servers} "
                 f"(GRAPHINFER_KAFKA_BOOTSTRAP_SERVERS): {exc!r}",
             )
             raise

@@ -197,7 +197,7 @@ def decode_request(
 ) -> DecodedRequest:
     """Decode one Kafka message value into a validated request.
 
-    Raises :class:`RequestRejected`; its ``request_id`` attribute holds the id
+    Raises :class:`RequestRejected`; its ``request_id`` attribute contains the id
     when one could be recovered from the message, so a reply can be sent.
     """
     request_id: str | None = None

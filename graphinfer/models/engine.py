@@ -28,7 +28,7 @@ from graphinfer.models.schema import PredictRequest
 
 @dataclass
 class Selection:
-    """Which models run on one request, which were skipped, and explicit misfits."""
+    """Models to run on one request, the models skipped, and the named models that do not fit."""
 
     run: list[ModelEntry] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
@@ -133,7 +133,7 @@ def select_models(
 
 
 class NoModelSelected(GraphinferError):
-    """No served model fits the request; ``skipped`` says why each candidate was left out."""
+    """No served model fits the request; ``skipped`` gives the reason each candidate was left out."""
 
     code = "no_model_selected"
 
@@ -340,7 +340,7 @@ def _probabilities(estimator: Any, matrix: np.ndarray, manifest: Manifest) -> np
 
 
 def format_output(manifest: Manifest, ids: Sequence[Any], probabilities: np.ndarray) -> dict[str, Any]:
-    """Shape model output as the v1 contract says, with plain Python types only."""
+    """Shape model output as the v1 contract defines it, with plain Python types only."""
     predictions = [_one_prediction(manifest, row) for row in probabilities]
     if manifest.task == "graph":
         return predictions[0]

@@ -112,7 +112,7 @@ class ModelCatalog:
         return catalog
 
     def fingerprint(self) -> frozenset[tuple[str, str]]:
-        """The served refs with their checksums; equal fingerprints need no reload."""
+        """Return the served refs with their checksums; equal fingerprints need no reload."""
         return frozenset((entry.ref, entry.manifest.sha256) for entry in self.entries())
 
     def serving(self) -> list[ModelEntry]:
@@ -247,14 +247,14 @@ def scan(
             read_verified_artifact(entry, trusted_sha256)
             entries.append(entry)
         except ModelRefused as exc:
-            logger.error("model refused path=%s reason=%s", directory, exc)
+            logger.error("model rejected path=%s reason=%s", directory, exc)
             refusals.append(Refusal(directory, str(exc)))
 
     if repository.is_dir():
         try:
             _check_not_world_writable(repository)
         except ModelRefused as exc:
-            logger.error("model repository refused path=%s reason=%s", repository, exc)
+            logger.error("model repository rejected path=%s reason=%s", repository, exc)
             refusals.append(Refusal(repository, str(exc)))
         else:
             for model_dir in sorted(repository.iterdir()):
@@ -263,7 +263,7 @@ def scan(
                 try:
                     _check_not_world_writable(model_dir)
                 except ModelRefused as exc:
-                    logger.error("model refused path=%s reason=%s", model_dir, exc)
+                    logger.error("model rejected path=%s reason=%s", model_dir, exc)
                     refusals.append(Refusal(model_dir, str(exc)))
                     continue
                 versions = [

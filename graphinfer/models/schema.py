@@ -183,7 +183,7 @@ class EdgeTarget(BaseModel):
 
 
 class Targets(BaseModel):
-    """What to score: nodes by id, edges as source and target pairs."""
+    """Nodes (by id) and edges (as source and target pairs) to score."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -220,7 +220,7 @@ class ErrorObject(BaseModel):
 
 
 class ModelResult(BaseModel):
-    """One selected model's answer to one request."""
+    """One selected model's result for one request."""
 
     model: str
     version: int

@@ -64,7 +64,7 @@ def worker_name(settings: Settings) -> str:
 
 
 class WorkerRuntime:
-    """What the agent needs besides Faust: the models, the pool and the database.
+    """The models, the inference pool and the database that the agent needs besides Faust.
 
     Models reload on ``GRAPHINFER_MODEL_RELOAD_INTERVAL_S`` and on SIGHUP: the
     repository is scanned off the event loop, a new pool loads the new set,

@@ -320,7 +320,7 @@ class BatchProcessor:
                 item.stored_reply = previous.reply
 
     def _merge_duplicates(self, items: list[_Item]) -> None:
-        """Answer a request_id that appears twice in one batch once, and conflict on a different request."""
+        """Reply once to a request_id repeated in one batch, and reject a repeat with another request as a conflict."""
         first: dict[str, _Item] = {}
         for item in items:
             if item.request_id is None or item.rejection is not None or item.stored_reply is not None:
