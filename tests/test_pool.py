@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from graphinfer import metrics
 from graphinfer.models import datasets
 from graphinfer.models.decode import Limits, decode_request
 from graphinfer.models.engine import run_batch
@@ -32,10 +33,19 @@ def fault_repository(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 async def test_failing_models_contained_in_one_batch(fault_repository: Path) -> None:
     catalog = scan(fault_repository)
     pool = InferencePool(catalog.entries(), PoolOptions(processes=2, timeout_s=2.0, memory_limit_mb=1_024))
     refs = ["healthy@1", "raising@1", "sleeping@1", "allocating@1", "nan@1"]
+    restarts_before = {
+        reason: sample("graphinfer_pool_restarts_total", reason=reason)
+        for reason in ("timeout", "out_of_memory", "died")
+    }
+    loads_before = sample("graphinfer_pool_model_loads_total", model="nan", version="1", outcome="loaded")
     try:
         assert await pool.start() == set(refs)
         results = await pool.run([job(graph_request(f"r{index}"), refs) for index in range(3)])
@@ -52,12 +62,39 @@ async def test_failing_models_contained_in_one_batch(fault_repository: Path) -> 
             assert by_model["nan"]["error"]["code"] == "model_failed"
             assert "non-finite" in by_model["nan"]["error"]["message"]
         assert pool.restarts >= 2
+        restarts = {
+            reason: sample("graphinfer_pool_restarts_total", reason=reason) - before
+            for reason, before in restarts_before.items()
+        }
+        assert restarts["timeout"] >= 1
+        assert restarts["out_of_memory"] >= 1
+        assert sum(restarts.values()) == pool.restarts
+        # Every process, the replacements included, loaded every model.
+        loaded = sample("graphinfer_pool_model_loads_total", model="nan", version="1", outcome="loaded")
+        assert loaded - loads_before == 2 + pool.restarts
 
         # The replaced processes serve the next batch.
         [again] = await pool.run([job(graph_request("after"), ["healthy@1"])])
         assert again[0]["status"] == "ok"
     finally:
         await pool.close()
+
+
+async def test_model_load_failure_counted(tmp_path: Path) -> None:
+    write_model(tmp_path, "healthy", 1, fake_models.ConstantModel([0.2, 0.8]))
+    write_model(tmp_path, "tampered", 1, fake_models.ConstantModel([0.5, 0.5]))
+    catalog = scan(tmp_path)
+    # Changed after the scan checked it: every inference process refuses it.
+    catalog.resolve("tampered@1").artifact_path.write_bytes(b"not the published artifact")
+    failed_before = sample("graphinfer_pool_model_loads_total", model="tampered", version="1", outcome="failed")
+    pool = InferencePool(catalog.entries(), PoolOptions(processes=2, timeout_s=10.0))
+    try:
+        assert await pool.start() == {"healthy@1"}
+    finally:
+        await pool.close()
+    failed = sample("graphinfer_pool_model_loads_total", model="tampered", version="1", outcome="failed")
+    assert failed - failed_before == 2
+    assert sample("graphinfer_pool_model_load_seconds_count", model="healthy", version="1") >= 2
 
 
 async def test_batched_failure_retried_per_request(tmp_path: Path) -> None:

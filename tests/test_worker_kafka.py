@@ -379,4 +379,4 @@ async def test_worker_metrics_served(
         "graphinfer_worker_end_to_end_seconds",
     ):
         assert name in families, name
-    assert 'graphinfer_worker_model_results_total{model="mutag-wl",outcome="ok"}' in text
+    assert 'graphinfer_worker_model_results_total{model="mutag-wl",outcome="ok",version="1"}' in text

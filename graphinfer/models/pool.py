@@ -15,6 +15,10 @@ replaced, and only the results of that call fail (``model_timeout``); a
 process that runs out of memory or dies fails its call with
 ``model_out_of_memory`` and is replaced the same way. The worker process
 itself is never at risk.
+
+The processes measure their own work (model loads, decoding, features,
+model calls, peak memory) and send the figures back with every reply; the
+worker adds them to its Prometheus registry (:func:`graphinfer.metrics.record_pool`).
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import multiprocessing
 import os
 import resource
 import signal
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from graphinfer import metrics
 from graphinfer.models import engine
 from graphinfer.models.decode import Limits, decode_request
 from graphinfer.models.manifest import Manifest
@@ -90,15 +96,21 @@ def _child_main(
     estimators: dict[str, Any] = {}
     manifests = {entry.ref: entry.manifest for entry in entries}
     refused: dict[str, str] = {}
+    observations: list[metrics.Observation] = []
     for entry in entries:
+        started = time.perf_counter()
         try:
             estimators[entry.ref] = load_estimator(entry, options.trusted_sha256)
         except ModelRefused as exc:
             refused[entry.ref] = str(exc)
+            observations.append(("model_failed", (entry.ref,), 1.0))
+        else:
+            observations.append(("model_loaded", (entry.ref,), time.perf_counter() - started))
     if options.memory_limit_mb > 0:
         limit = options.memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    connection.send(("ready", sorted(estimators), refused))
+    observations.append(_max_rss())
+    connection.send(("ready", sorted(estimators), refused, observations))
 
     while True:
         try:
@@ -106,19 +118,29 @@ def _child_main(
         except (EOFError, OSError):
             return
         kind = message[0]
+        observations = []
         try:
             if kind == "features":
-                reply: tuple[Any, ...] = ("ok", _features(message[1], manifests, options.limits))
+                reply: tuple[Any, ...] = (
+                    "ok",
+                    _features(message[1], manifests, options.limits, observations),
+                )
             elif kind == "predict":
-                reply = ("ok", _predict(message[1], message[2], estimators, manifests))
+                reply = ("ok", _predict(message[1], message[2], estimators, manifests, observations))
             else:
                 reply = ("ok", None)
         except MemoryError as exc:
-            connection.send(("oom", f"ran out of memory ({exc!r})"))
+            connection.send(("oom", f"ran out of memory ({exc!r})", []))
             return
         except Exception as exc:
             reply = ("error", repr(exc))
-        connection.send(reply)
+        observations.append(_max_rss())
+        connection.send((*reply, observations))
+
+
+def _max_rss() -> metrics.Observation:  # pragma: no cover - runs in the pool process
+    # ru_maxrss is in KiB on Linux.
+    return ("max_rss_bytes", (), float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the pool process
@@ -132,15 +154,22 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the pool process
 
 
 def _features(
-    jobs: Sequence[Job], manifests: dict[str, Manifest], limits: Limits
+    jobs: Sequence[Job],
+    manifests: dict[str, Manifest],
+    limits: Limits,
+    observations: list[metrics.Observation],
 ) -> list[dict[str, engine.FeatureRows | dict[str, Any]]]:
     answers: list[dict[str, engine.FeatureRows | dict[str, Any]]] = []
     for job in jobs:
+        started = time.perf_counter()
         decoded = decode_request(job.raw, limits, require_id=False)
+        observations.append(("decode_seconds", (), time.perf_counter() - started))
         rows: dict[str, engine.FeatureRows | dict[str, Any]] = {}
         for ref in job.model_refs:
             try:
-                rows[ref] = engine.compute_features(manifests[ref], decoded)
+                computed = engine.compute_features(manifests[ref], decoded)
+                observations.append(("feature_seconds", (ref,), computed.seconds))
+                rows[ref] = computed
             except MemoryError:
                 raise
             except Exception as exc:
@@ -150,18 +179,26 @@ def _features(
 
 
 def _predict(
-    ref: str, matrices: Sequence[Any], estimators: dict[str, Any], manifests: dict[str, Manifest]
+    ref: str,
+    matrices: Sequence[Any],
+    estimators: dict[str, Any],
+    manifests: dict[str, Manifest],
+    observations: list[metrics.Observation],
 ) -> tuple[list[Any], float]:
     estimator = estimators.get(ref)
     if estimator is None:
         return ["is not loaded in the inference process"] * len(matrices), 0.0
-    return engine.predict_stacked(estimator, manifests[ref], matrices)
+    answers, seconds = engine.predict_stacked(estimator, manifests[ref], matrices)
+    observations.append(("predict_seconds", (ref,), seconds))
+    observations.append(("predict_rows", (ref,), float(sum(matrix.shape[0] for matrix in matrices))))
+    return answers, seconds
 
 
 class PoolProcess:
     """One inference process and the parent's end of its pipe."""
 
-    def __init__(self, entries: Sequence[ModelEntry], options: PoolOptions) -> None:
+    def __init__(self, entries: Sequence[ModelEntry], options: PoolOptions, slot: int = 0) -> None:
+        self.slot = slot
         # spawn, not fork: the worker process runs the Kafka client's threads,
         # and forking a process with threads can deadlock.
         context = multiprocessing.get_context("spawn")
@@ -187,18 +224,19 @@ class PoolProcess:
                 "model_failed", f"the inference process did not start within {_START_TIMEOUT_S:.0f} s"
             )
         try:
-            _, self.loaded, self.refused = self.connection.recv()
+            _, self.loaded, self.refused, observations = self.connection.recv()
         except (EOFError, OSError):
             self.process.join(timeout=5)
             raise CallFailed(
                 "model_failed",
                 f"the inference process exited with code {self.process.exitcode} while starting",
             ) from None
+        metrics.record_pool(observations, self.slot)
 
     def round_trip(self, message: tuple[Any, ...]) -> Any:
         try:
             self.connection.send(message)
-            status, payload = self.connection.recv()
+            status, payload, observations = self.connection.recv()
         except (EOFError, OSError, BrokenPipeError):
             self.process.join(timeout=1)
             code = self.process.exitcode
@@ -207,6 +245,7 @@ class PoolProcess:
                     "model_out_of_memory", "the inference process was killed (out of memory)"
                 ) from None
             raise CallFailed("model_failed", f"the inference process died with exit code {code}") from None
+        metrics.record_pool(observations, self.slot)
         if status == "oom":
             raise CallFailed("model_out_of_memory", str(payload))
         if status == "error":
@@ -245,7 +284,7 @@ class InferencePool:
         """Start the processes and load the models; return the refs every process loaded."""
         for variable in _BLAS_THREAD_VARIABLES:
             os.environ.setdefault(variable, "1")
-        started = await asyncio.gather(*(self._spawn() for _ in range(self.options.processes)))
+        started = await asyncio.gather(*(self._spawn(slot) for slot in range(self.options.processes)))
         loaded = set.intersection(*(set(process.loaded) for process in started))
         for process in started:
             for ref, reason in process.refused.items():
@@ -253,22 +292,23 @@ class InferencePool:
         self.loaded = loaded
         return loaded
 
-    async def _spawn(self) -> PoolProcess:
+    async def _spawn(self, slot: int) -> PoolProcess:
         loop = asyncio.get_running_loop()
-        process = await loop.run_in_executor(self._io, PoolProcess, self.entries, self.options)
+        process = await loop.run_in_executor(self._io, PoolProcess, self.entries, self.options, slot)
         await loop.run_in_executor(self._io, process.wait_ready)
         self._all.add(process)
         self._idle.put_nowait(process)
         return process
 
-    async def _replace(self, process: PoolProcess) -> None:
+    async def _replace(self, process: PoolProcess, reason: str) -> None:
         self._all.discard(process)
         await asyncio.get_running_loop().run_in_executor(self._io, process.kill)
         self.restarts += 1
+        metrics.POOL_RESTARTS.labels(reason).inc()
         if self._closed:
             return
         try:
-            await self._spawn()
+            await self._spawn(process.slot)
         except CallFailed as exc:
             logger.error("an inference process could not be restarted: %s", exc)
 
@@ -287,7 +327,7 @@ class InferencePool:
                 self.options.timeout_s,
                 process.pid,
             )
-            await self._replace(process)
+            await self._replace(process, "timeout")
             raise CallFailed(
                 "model_timeout", f"took longer than {self.options.timeout_s} s (GRAPHINFER_MODEL_TIMEOUT_S)"
             ) from None
@@ -296,7 +336,7 @@ class InferencePool:
                 logger.warning(
                     "inference process failed; replacing pid=%s reason=%s", process.pid, exc.reason
                 )
-                await self._replace(process)
+                await self._replace(process, "out_of_memory" if exc.code == "model_out_of_memory" else "died")
             else:
                 self._idle.put_nowait(process)
             raise

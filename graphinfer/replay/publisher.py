@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import asyncpg
 from aiokafka.errors import KafkaError
 
+from graphinfer import metrics
 from graphinfer.replay.ids import make_run_id
 from graphinfer.replay.sources import DatasetError, DatasetReader, DatasetSpec, Record, make_request
 from graphinfer.storage.replay import NewRun, RecordError, ReplayRun, ReplayStore
@@ -109,11 +110,14 @@ class RunPublisher:
             summary = await reader.summary()
         except DatasetError as exc:
             logger.error("replay run failed run_id=%s error=%s", run.run_id, exc)
+            metrics.REPLAY_RUNS.labels("failed").inc()
             await self.store.fail(run.run_id, self.owner, str(exc))
             return await self._row(run.run_id)
         if summary.content_hash != run.dataset_hash:
             run = await self._supersede(run, summary.content_hash, summary.total)
         await self.store.set_total(run.run_id, self.owner, summary.total)
+        metrics.REPLAY_RECORDS.labels("total").set(summary.total)
+        self._report()
 
         # 2. Publish under a heartbeat, then wait for the last results.
         logger.info(
@@ -131,6 +135,7 @@ class RunPublisher:
             if heartbeat.done():
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
+                metrics.REPLAY_RUNS.labels("lost").inc()
                 heartbeat.result()  # raises RunLostError
             await work
         finally:
@@ -144,7 +149,10 @@ class RunPublisher:
             return await self._row(run.run_id)
         counts = await self._retry("count", lambda: self.store.counts(run.run_id))
         if not await self.store.finish(run.run_id, self.owner, self.published, counts):
+            metrics.REPLAY_RUNS.labels("lost").inc()
             raise RunLostError(f"replay run {run.run_id} changed hands before it was marked finished")
+        metrics.REPLAY_RUNS.labels("finished").inc()
+        self._report()
         elapsed = time.monotonic() - started
         logger.info(
             "replay run finished run_id=%s published=%d completed=%d rejected=%d failed=%d seconds=%.1f",
@@ -173,6 +181,8 @@ class RunPublisher:
         else:
             await self.store.release(self.run_id, self.owner)
             logger.info("replay run released run_id=%s published=%d", self.run_id, self.published)
+        metrics.REPLAY_RUNS.labels("released").inc()
+        self._report()
 
     # --- steps -------------------------------------------------------------------
 
@@ -267,6 +277,7 @@ class RunPublisher:
             await self._retry("produce", functools.partial(self._send, run_id, chunk))
             self.outstanding.update(dict.fromkeys(request_id for request_id, _ in chunk))
             self.published += len(chunk)
+            self._report()
 
     async def _wait_for_room(self, wanted: int) -> int:
         """Return how many more records may be sent, waiting until at least one may."""
@@ -285,6 +296,11 @@ class RunPublisher:
         stored = await self._retry("read", lambda: self.store.stored_request_ids(ids))
         for request_id in stored:
             del self.outstanding[request_id]
+        self._report()
+
+    def _report(self) -> None:
+        metrics.REPLAY_RECORDS.labels("published").set(self.published)
+        metrics.REPLAY_RECORDS.labels("outstanding").set(len(self.outstanding))
 
     async def _send(self, run_id: str, chunk: list[tuple[str, bytes]]) -> None:
         headers = [(REPLAY_RUN_HEADER, run_id.encode()), ("graphinfer-schema", b"1")]

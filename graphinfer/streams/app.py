@@ -83,6 +83,9 @@ class WorkerRuntime:
         self._reload_requested = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        # Where consumption started on each partition at its latest assignment.
+        self.start_offsets: dict[tuple[str, int], int] = {}
+        self._app: GraphinferApp | None = None
 
     def _pool_options(self) -> PoolOptions:
         settings = self.settings
@@ -105,12 +108,15 @@ class WorkerRuntime:
         )
 
     async def _load(self, catalog: ModelCatalog) -> ServedModels:
+        metrics.MODELS_REFUSED.set(len(catalog.refusals))
         pool = InferencePool(catalog.entries(), self._pool_options())
         loaded = await pool.start()
         return ServedModels(catalog=catalog.restricted(loaded), pool=pool)
 
     async def start(self, app: GraphinferApp) -> None:
         settings = self.settings
+        self._app = app
+        metrics.watch_lag(self.consumer_lag)
         port = metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
         logger.info("metrics served url=http://%s:%d/metrics", settings.worker_metrics_host, port)
         self.database = await Database.connect(
@@ -156,6 +162,54 @@ class WorkerRuntime:
             self._tasks.append(asyncio.create_task(watch.run(), name="graphinfer-broker-watch"))
         coordinator = ReplayCoordinator(settings, ReplayStore(self.database.pool), self.name)
         self._tasks.append(asyncio.create_task(coordinator.run(), name="graphinfer-replay-coordinator"))
+
+    def consumer_lag(self) -> list[tuple[str, int, int]]:
+        """Return (topic, partition, lag) for every assigned partition with a known high watermark.
+
+        Runs on the metrics server's thread. The high watermark is the one
+        the last fetch response carried; the next offset to finish is one
+        past the last offset this worker finished on the partition, or where
+        consumption started when nothing was finished since the assignment.
+        """
+        app, processor = self._app, self.processor
+        if app is None:
+            return []
+        finished = dict(processor.finished) if processor is not None else {}
+        starts = dict(self.start_offsets)
+        rows = []
+        try:
+            assigned = sorted(app.consumer.assignment())
+        except Exception:  # the consumer is not started, or stopping
+            return []
+        for tp in assigned:
+            key = (tp.topic, tp.partition)
+            try:
+                highwater = app.consumer.highwater(tp)
+            except Exception:  # revoked since assignment() was read
+                continue
+            done = finished.get(key)
+            # A partition reassigned after another worker had it may have an
+            # older finished offset than where consumption restarted.
+            next_offsets = [
+                offset
+                for offset in (starts.get(key), None if done is None else done + 1)
+                if offset is not None
+            ]
+            if highwater is None or not next_offsets:
+                continue
+            rows.append((tp.topic, tp.partition, max(0, highwater - max(next_offsets))))
+        return rows
+
+    async def record_start_offsets(self, app: GraphinferApp, assigned: set[TP]) -> None:
+        """Remember where consumption starts on newly assigned partitions, for :meth:`consumer_lag`."""
+        for tp in assigned:
+            try:
+                position = await asyncio.wait_for(app.consumer.position(tp), timeout=30)
+            except Exception as exc:
+                logger.debug("could not read the position partition=%s error=%r", tp, exc)
+                continue
+            if position is not None:
+                self.start_offsets[tp.topic, tp.partition] = position
 
     async def reload(self) -> bool:
         """Scan the repository and switch to a new pool when the models changed; return whether it did."""
@@ -274,6 +328,7 @@ class GraphinferApp(faust.App):
         self._transport_cls = transport_class(settings.kafka_fetch_max_wait_ms)
         super().__init__(settings.app_id, **options)
         self.assignments = 0
+        self._start_offsets_task: asyncio.Task[None] | None = None
         self.on_partitions_assigned.connect(self._log_assignment)
 
     def _new_transport(self) -> Any:
@@ -306,6 +361,11 @@ class GraphinferApp(faust.App):
         # left, or this one was evicted and rejoined.
         self.assignments += 1
         metrics.ASSIGNMENTS.inc()
+        # Not awaited here: the position of a new partition is known only
+        # once the rebalance that runs this callback has finished.
+        self._start_offsets_task = asyncio.get_running_loop().create_task(
+            self.runtime.record_start_offsets(self, set(assigned)), name="graphinfer-start-offsets"
+        )
         logger.info(
             "partitions assigned assignment=%d rebalances=%d generation=%s partitions=%s",
             self.assignments,

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -210,7 +211,7 @@ class BatchProcessor:
                 item.reply = item.duplicate_of.reply
             else:
                 item.reply = item.stored_reply or self._build_reply(item)
-        await self._retry("store", lambda: self.database.write_batch(*self._records(items)))
+        await self._retry("store", lambda: self._write(items))
 
         # 6. Deliver replies and dead letters.
         await self._retry("produce", lambda: self._deliver(items))
@@ -234,9 +235,14 @@ class BatchProcessor:
             code="internal",
         )
         item.reply = self._build_reply(item)
-        await self._retry("store", lambda: self.database.write_batch(*self._records([item])))
+        await self._retry("store", lambda: self._write([item]))
         await self._retry("produce", lambda: self._deliver([item]))
         self._finish([item])
+
+    async def _write(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        await self.database.write_batch(*self._records(items))
+        metrics.DATABASE_WRITE.observe(time.perf_counter() - started)
 
     def _finish(self, items: Sequence[_Item]) -> None:
         delivered = datetime.now(UTC)
@@ -251,10 +257,22 @@ class BatchProcessor:
                     outcome = (
                         "ok" if result["status"] == "ok" else (result.get("error") or {}).get("code", "error")
                     )
-                    metrics.MODEL_RESULTS.labels(result["model"], outcome).inc()
+                    model, version = result["model"], str(result.get("version", ""))
+                    metrics.MODEL_RESULTS.labels(model, version, outcome).inc()
                     if result.get("latency_ms") is not None:
-                        metrics.MODEL_LATENCY.labels(result["model"]).observe(result["latency_ms"] / 1000.0)
-        _count(items)
+                        metrics.MODEL_LATENCY.labels(model, version).observe(result["latency_ms"] / 1000.0)
+        self._count(items)
+
+    def _count(self, items: Sequence[_Item]) -> None:
+        for item in items:
+            source = "replay" if item.message.topic == self.topics.replay else "online"
+            if item.reply is not None:
+                metrics.MESSAGES.labels(source, item.reply["status"]).inc()
+                error = item.reply.get("error")
+                if error is not None and item.stored_reply is None:
+                    metrics.REJECTIONS.labels(source, error.get("code", "unknown")).inc()
+            if item.rejection is not None:
+                metrics.DEAD_LETTERS.labels(item.rejection.code).inc()
 
     def _maybe_inject_fault(self, count: int) -> None:
         if self.raise_after_messages <= 0:
@@ -514,14 +532,6 @@ def _traceparent(message: Message) -> str | None:
     if text is None or not _TRACEPARENT_RE.fullmatch(text.strip()):
         return None
     return text.strip()
-
-
-def _count(items: Sequence[_Item]) -> None:
-    for item in items:
-        if item.reply is not None:
-            metrics.MESSAGES.labels(item.reply["status"]).inc()
-        if item.rejection is not None:
-            metrics.DEAD_LETTERS.labels(item.rejection.code).inc()
 
 
 def _describe_offsets(messages: Sequence[Message]) -> str:
