@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import time
 import uuid
 
@@ -20,6 +21,7 @@ import numpy as np
 from graphinfer.demo import DemoRequest, publish_and_wait, start_worker, stop_worker
 from graphinfer.embedded import STATE_DIR, EmbeddedStack
 from graphinfer.models import datasets
+from graphinfer.progress import open_progress
 from graphinfer.settings import Settings, load_settings
 
 
@@ -62,14 +64,16 @@ async def measure(settings: Settings, kind: str, count: int, window: int, alive:
         worker_alive=worker_alive,
     )
     requests = bench_requests(run_id, kind, count)
-    outcomes, elapsed = await publish_and_wait(
-        requests,
-        settings.kafka_bootstrap_servers or "",
-        settings,
-        window=window,
-        progress=lambda done, total: None,
-        worker_alive=worker_alive,
-    )
+    # Progress goes to stderr, so stdout carries only the report.
+    with open_progress("answered", len(requests), unit="requests", stream=sys.stderr) as display:
+        outcomes, elapsed = await publish_and_wait(
+            requests,
+            settings.kafka_bootstrap_servers or "",
+            settings,
+            window=window,
+            progress=lambda done, total: display.update_to(done),
+            worker_alive=worker_alive,
+        )
     latencies = np.array(
         [
             (outcome.replied_at - outcome.sent_at) * 1000.0
@@ -98,7 +102,7 @@ def run_bench(settings: Settings, *, kind: str, count: int, window: int, embedde
 
 async def _embedded(settings: Settings, kind: str, count: int, window: int) -> str:
     from graphinfer.models.repository import scan
-    from graphinfer.models.training import train_demo
+    from graphinfer.models.training import DEMO_MODELS, train_demo
     from graphinfer.streams.runner import preflight
 
     stack = EmbeddedStack(database_name="graphinfer_bench")
@@ -107,7 +111,13 @@ async def _embedded(settings: Settings, kind: str, count: int, window: int) -> s
     try:
         repository = settings.model_repository.resolve()
         if not len(await asyncio.to_thread(scan, repository)):
-            await asyncio.to_thread(train_demo, repository)
+            with open_progress("training", len(DEMO_MODELS), unit="models", stream=sys.stderr) as display:
+                await asyncio.to_thread(
+                    train_demo,
+                    repository,
+                    progress=display.write,
+                    model_progress=lambda done, total: display.update_to(done),
+                )
         local = load_settings(
             kafka_bootstrap_servers=stack.broker.bootstrap_servers,
             database_url=stack.database_url,

@@ -322,10 +322,17 @@ def models_train_demo(repository: Path | None, seed: int) -> None:
     """Train the demo models (MUTAG graph classifier, Cora node classifier)."""
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
-    from graphinfer.models.training import train_demo
+    from graphinfer.models.training import DEMO_MODELS, train_demo
+    from graphinfer.progress import open_progress
 
     target = repository or settings.model_repository
-    manifests = train_demo(target, seed=seed, progress=click.echo)
+    with open_progress("training", len(DEMO_MODELS), unit="models") as display:
+        manifests = train_demo(
+            target,
+            seed=seed,
+            progress=display.write,
+            model_progress=lambda done, total: display.update_to(done),
+        )
     for manifest in manifests:
         metrics = ", ".join(
             f"{name}={metric.value:.3f}" + (f"±{metric.std:.3f}" if metric.std is not None else "")

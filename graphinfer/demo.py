@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from graphinfer.embedded import STATE_DIR, EmbeddedStack, _die_with_parent, terminate_on_sigterm
 from graphinfer.errors import ConfigurationError
+from graphinfer.progress import open_progress
 from graphinfer.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -266,21 +267,6 @@ async def count_rows(database_url: str, prefix: str) -> dict[str, int]:
     return {"inference_requests": int(requests), "predictions": int(predictions)}
 
 
-def _progress_printer() -> Callable[[int, int], None]:
-    tty = sys.stdout.isatty()
-    last = [0.0]
-
-    def show(done: int, total: int) -> None:
-        now = time.monotonic()
-        if tty:
-            print(f"\r  replies {done}/{total}", end="" if done < total else "\n", flush=True)
-        elif done == total or now - last[0] >= 2.0:
-            last[0] = now
-            print(f"  replies {done}/{total}", flush=True)
-
-    return show
-
-
 def start_worker(environment: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         return subprocess.Popen(
@@ -313,7 +299,7 @@ def run_demo(settings: Settings, *, repository: Path | None, window: int, cora_l
 
 async def _run(settings: Settings, repository: Path, window: int, cora_limit: int | None) -> int:
     from graphinfer.models.repository import scan
-    from graphinfer.models.training import train_demo
+    from graphinfer.models.training import DEMO_MODELS, train_demo
     from graphinfer.settings import load_settings
     from graphinfer.streams.runner import preflight
 
@@ -330,9 +316,14 @@ async def _run(settings: Settings, repository: Path, window: int, cora_limit: in
         catalog = scan(repository)
         if not len(catalog):
             print(f"training the demo models into {repository} ...", flush=True)
-            await asyncio.to_thread(
-                train_demo, repository, seed=0, progress=lambda line: print("  " + line, flush=True)
-            )
+            with open_progress("training", len(DEMO_MODELS), unit="models") as display:
+                await asyncio.to_thread(
+                    train_demo,
+                    repository,
+                    seed=0,
+                    progress=lambda line: display.write("  " + line),
+                    model_progress=lambda done, total: display.update_to(done),
+                )
             catalog = scan(repository)
         manifests = {entry.ref: entry.manifest for entry in catalog.serving()}
         print(f"serving {', '.join(sorted(manifests))}", flush=True)
@@ -374,14 +365,15 @@ async def _run(settings: Settings, repository: Path, window: int, cora_limit: in
         )
 
         # 5. The measured run.
-        outcomes, elapsed = await publish_and_wait(
-            requests,
-            stack.broker.bootstrap_servers,
-            demo_settings,
-            window=window,
-            progress=_progress_printer(),
-            worker_alive=worker_alive,
-        )
+        with open_progress("answered", len(requests), unit="requests") as display:
+            outcomes, elapsed = await publish_and_wait(
+                requests,
+                stack.broker.bootstrap_servers,
+                demo_settings,
+                window=window,
+                progress=lambda done, total: display.update_to(done),
+                worker_alive=worker_alive,
+            )
         rows = await count_rows(stack.database_url, f"{run_id}-")
         report = DemoReport(requests, outcomes, elapsed, rows, manifests)
 

@@ -209,6 +209,13 @@ def test_train_demo_existing_versions_skipped(trained: TrainedRepository) -> Non
         assert (trained.version_dir(name) / ARTIFACT_NAME).read_bytes() == before[name]
 
 
+def test_train_demo_counts_models_done(trained: TrainedRepository) -> None:
+    counts: list[tuple[int, int]] = []
+    train_demo(trained.path, model_progress=lambda done, total: counts.append((done, total)))
+    total = len(DEMO_MODELS)
+    assert counts == [(done, total) for done in range(1, total + 1)]
+
+
 def test_train_demo_existing_without_manifest(tmp_path: Path) -> None:
     (tmp_path / MUTAG_MODEL / "1").mkdir(parents=True)
     with pytest.raises(ModelRefused, match=MANIFEST_NAME):

@@ -93,7 +93,13 @@ CORA_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 MAX_ITER = 5000
 
 
-def train_demo(repository: Path, *, seed: int = 0, progress: Progress | None = None) -> list[Manifest]:
+def train_demo(
+    repository: Path,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+    model_progress: Callable[[int, int], None] | None = None,
+) -> list[Manifest]:
     """Train the demo models as version 1 under ``repository``.
 
     Returns their manifests in the order of :data:`DEMO_MODELS`. A model
@@ -101,6 +107,8 @@ def train_demo(repository: Path, *, seed: int = 0, progress: Progress | None = N
     read and returned as is, and
     :class:`graphinfer.models.repository.ModelRefused` is raised when that
     manifest is missing or invalid. ``progress`` receives one line per step.
+    ``model_progress`` receives the number of models done and the number of
+    demo models after each model, whether trained or skipped.
     """
     report = progress or ignore_progress
     repository = Path(repository)
@@ -109,9 +117,11 @@ def train_demo(repository: Path, *, seed: int = 0, progress: Progress | None = N
         target = repository / name / str(DEMO_VERSION)
         if target.exists():
             manifests.append(existing_manifest(target, report))
-            continue
-        trained = trainer(seed, report)
-        manifests.append(publish(repository, DEMO_VERSION, trained, report))
+        else:
+            trained = trainer(seed, report)
+            manifests.append(publish(repository, DEMO_VERSION, trained, report))
+        if model_progress is not None:
+            model_progress(len(manifests), len(TRAINERS))
     return manifests
 
 

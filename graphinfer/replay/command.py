@@ -25,14 +25,15 @@ from aiokafka.errors import KafkaError
 
 from graphinfer.broker import ensure_topics
 from graphinfer.errors import ConfigurationError
+from graphinfer.progress import ProgressDisplay, open_progress
 from graphinfer.replay.coordinator import dataset_spec, publish_options
 from graphinfer.replay.ids import make_run_id
 from graphinfer.replay.publisher import RunLostError, RunPublisher
 from graphinfer.replay.report import (
-    ProgressDisplay,
     accuracy_by_model,
     format_runs,
     format_summary,
+    progress_detail,
     read_labels,
 )
 from graphinfer.replay.sources import DatasetError, DatasetReader, DatasetSpec
@@ -141,6 +142,7 @@ async def _explain_unclaimable(settings: Settings, store: ReplayStore, run_id: s
 
 async def _publish(settings: Settings, store: ReplayStore, run: ReplayRun, *, wait: bool) -> int:
     owner = cli_owner()
+    done_before, _ = await _progress(store, run.run_id)
     producer = AIOKafkaProducer(
         **settings.kafka_client_options(),
         client_id=f"{settings.app_id}-replay-cli",
@@ -161,7 +163,7 @@ async def _publish(settings: Settings, store: ReplayStore, run: ReplayRun, *, wa
         return await producer.send(topic, value, key=key, headers=headers)
 
     publisher = RunPublisher(store, send, publish_options(settings), owner, database_url=settings.dsn)
-    progress = ProgressDisplay(run.total or 0)
+    progress = open_progress("replay", run.total or 0, unit="records", initial=done_before)
     watcher = asyncio.create_task(_watch(store, publisher, run.run_id, progress))
     started = time.monotonic()
     current = asyncio.current_task()
@@ -179,13 +181,17 @@ async def _publish(settings: Settings, store: ReplayStore, run: ReplayRun, *, wa
         )
         raise
     except RunLostError as exc:
+        progress.close()
         raise ReplayCommandError(str(exc)) from None
+    except Exception:
+        progress.close()
+        raise
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await producer.stop()
-    progress.update(*await _progress(store, final.run_id))
+    progress.update_to(*await _progress(store, final.run_id))
     progress.close()
 
     if not wait:
@@ -201,12 +207,12 @@ async def _publish(settings: Settings, store: ReplayStore, run: ReplayRun, *, wa
 async def _watch(store: ReplayStore, publisher: RunPublisher, run_id: str, progress: ProgressDisplay) -> None:
     while True:
         await asyncio.sleep(PROGRESS_POLL_S)
-        progress.update(*await _progress(store, publisher.run_id or run_id))
+        progress.update_to(*await _progress(store, publisher.run_id or run_id))
 
 
-async def _progress(store: ReplayStore, run_id: str) -> tuple[int, Any]:
+async def _progress(store: ReplayStore, run_id: str) -> tuple[int, str]:
     counts = await store.counts(run_id)
-    return counts.done, counts
+    return counts.done, progress_detail(counts)
 
 
 async def _print_summary(

@@ -1,62 +1,21 @@
-"""Output of ``graphinfer replay``: a progress bar, a run's counts and accuracy, and the runs table."""
+"""Output of ``graphinfer replay``: progress detail, a run's counts and accuracy, and the runs table."""
 
 from __future__ import annotations
 
-import sys
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any
 
 from graphinfer.replay.ids import make_request_id
 from graphinfer.replay.sources import DatasetReader
 from graphinfer.storage.replay import ModelOutcome, RecordError, ReplayRun, RunCounts
 
-_BAR_WIDTH = 30
-_PLAIN_INTERVAL_S = 2.0
 
-
-class ProgressDisplay:
-    """A progress bar redrawn in place on a terminal, or a plain line every two seconds elsewhere."""
-
-    def __init__(self, total: int, stream: TextIO | None = None) -> None:
-        self.total = total
-        self.stream = stream or sys.stdout
-        self.terminal = self.stream.isatty()
-        self.started = time.monotonic()
-        self._last_line_at = 0.0
-        self._last_done = -1
-        self._open_line = False
-
-    def update(self, done: int, counts: RunCounts) -> None:
-        now = time.monotonic()
-        rate = done / max(now - self.started, 1e-9)
-        text = (
-            f"{done}/{self.total} records, {counts.completed} completed, {counts.rejected} rejected, "
-            f"{counts.failed} failed, {rate:.1f} records/s"
-        )
-        if self.terminal:
-            fraction = min(1.0, done / self.total) if self.total else 1.0
-            filled = int(fraction * _BAR_WIDTH)
-            bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
-            self.stream.write(f"\r  [{bar}] {fraction:4.0%} {text}\x1b[K")
-            self.stream.flush()
-            self._open_line = True
-        elif done != self._last_done and (
-            now - self._last_line_at >= _PLAIN_INTERVAL_S or done >= self.total
-        ):
-            self.stream.write(f"  {text}\n")
-            self.stream.flush()
-            self._last_line_at = now
-        self._last_done = done
-
-    def close(self) -> None:
-        if self._open_line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open_line = False
+def progress_detail(counts: RunCounts) -> str:
+    """Format the outcome counts shown beside a run's progress."""
+    return f"{counts.completed} completed, {counts.rejected} rejected, {counts.failed} failed"
 
 
 @dataclass(frozen=True)
