@@ -255,11 +255,12 @@ def serve(host: str, port: int) -> int:
 
 
 def summary() -> str:
-    """Return every counter sample as ``name{labels}=value`` pairs, for one log line."""
+    """Return every sample but histogram buckets as ``name{labels}=value`` pairs, for one log line."""
     parts: list[str] = []
     for metric in REGISTRY.collect():
         for sample in metric.samples:
-            if sample.name.endswith("_created"):
+            # Histogram buckets would make the line unreadable; _count and _sum stay.
+            if sample.name.endswith(("_created", "_bucket")):
                 continue
             labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
             name = f"{sample.name}{{{labels}}}" if labels else sample.name

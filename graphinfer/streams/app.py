@@ -181,7 +181,11 @@ class WorkerRuntime:
             assigned = sorted(app.consumer.assignment())
         except Exception:  # the consumer is not started, or stopping
             return []
+        topics = {self.settings.request_topic, self.settings.replay_topic}
         for tp in assigned:
+            # Faust's own leader topic is assigned too; it carries no requests.
+            if tp.topic not in topics:
+                continue
             key = (tp.topic, tp.partition)
             try:
                 highwater = app.consumer.highwater(tp)
