@@ -21,6 +21,29 @@ async def test_replay_batch_split_after_online() -> None:
     assert steps == [[0, 1], [2, 3], [4]]
 
 
+async def test_replay_steps_grow_to_the_time_target() -> None:
+    gate = OnlineFirst(busy_step=2, step_target_s=0.05)
+    async with gate.online_batch():
+        pass
+    # A step of 2 requests took 20 ms: 10 ms each, so the next step takes 5.
+    first = next(iter(gate.replay_steps(list(range(64)))))
+    assert len(first) == 2
+    async with gate.replay_step(len(first)):
+        await asyncio.sleep(0.02)
+    assert gate.seconds_per_request is not None
+    assert 0.009 <= gate.seconds_per_request < 0.02
+    assert 3 <= gate.busy_step_size() <= 5
+
+
+async def test_replay_steps_never_below_busy_step() -> None:
+    gate = OnlineFirst(busy_step=2, step_target_s=0.05)
+    async with gate.online_batch():
+        pass
+    async with gate.replay_step(1):
+        await asyncio.sleep(0.1)
+    assert gate.busy_step_size() == 2
+
+
 async def test_replay_step_waits_for_online_batch() -> None:
     gate = OnlineFirst(max_wait_s=5.0)
     release = asyncio.Event()

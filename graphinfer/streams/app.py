@@ -461,7 +461,7 @@ async def _process_batches(
                 await processor.process(messages)
         else:
             for step in app.online_first.replay_steps(messages):
-                async with app.online_first.replay_step():
+                async with app.online_first.replay_step(len(step)):
                     await processor.process(step)
         for event in events:
             await stream.ack(event)

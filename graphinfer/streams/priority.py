@@ -2,8 +2,9 @@
 
 Both agents share one event loop and one inference pool, so replayed work
 delays online work unless it yields. While online traffic was seen within
-the last ``recent_s``, a replayed batch is processed in steps of
-``busy_step`` requests, and each step
+the last ``recent_s``, a replayed batch is processed in steps sized to
+take about ``step_target_s`` each (from the time per replayed request the
+steps before took, at least ``busy_step`` requests), and each step
 
 1. waits until no online batch is in progress (at most ``max_wait_s``, so
    the replay still moves under continuous online load);
@@ -13,6 +14,13 @@ the last ``recent_s``, a replayed batch is processed in steps of
    ``replay_share`` of the worker's time.
 
 Without online traffic a replayed batch is one step with no pause.
+
+A step carries a fixed cost (reading what is stored, one database
+transaction, waiting for the replies to be delivered) besides the work per
+request, so steps of a fixed small size spend most of the replay's share on
+that cost. Sized by time, a step grows until it takes ``step_target_s``,
+which also bounds how long an online batch that arrives during a step can
+wait for the event loop.
 """
 
 from __future__ import annotations
@@ -30,12 +38,20 @@ class OnlineFirst:
     """A gate that delays replayed batches while online batches are in progress or recent."""
 
     def __init__(
-        self, replay_share: float = 0.25, busy_step: int = 2, max_wait_s: float = 1.0, recent_s: float = 1.0
+        self,
+        replay_share: float = 0.25,
+        busy_step: int = 2,
+        max_wait_s: float = 1.0,
+        recent_s: float = 1.0,
+        step_target_s: float = 0.05,
     ) -> None:
         if not 0.0 < replay_share <= 1.0:
             raise ValueError(f"replay_share is {replay_share!r}; it must lie in (0, 1]")
         self.replay_share = replay_share
         self.busy_step = busy_step
+        self.step_target_s = step_target_s
+        # Seconds per replayed request, smoothed over the steps so far; None before the first.
+        self.seconds_per_request: float | None = None
         self.max_wait_s = max_wait_s
         self.recent_s = recent_s
         self._online_batches = 0
@@ -62,18 +78,30 @@ class OnlineFirst:
         """Yield the parts of a replayed batch, each sized when it is reached."""
         start = 0
         while start < len(messages):
-            size = self.busy_step if self.online_recent() else len(messages)
+            size = self.busy_step_size() if self.online_recent() else len(messages)
             yield messages[start : start + size]
             start += size
 
+    def busy_step_size(self) -> int:
+        """Return how many replayed requests one step takes while online traffic is recent."""
+        if self.seconds_per_request is None or self.seconds_per_request <= 0:
+            return self.busy_step
+        return max(self.busy_step, int(self.step_target_s / self.seconds_per_request))
+
     @contextlib.asynccontextmanager
-    async def replay_step(self) -> AsyncIterator[None]:
+    async def replay_step(self, count: int = 0) -> AsyncIterator[None]:
+        """Run one replayed step of ``count`` requests under the gate."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout=self.max_wait_s)
         started = time.monotonic()
         try:
             yield
         finally:
+            elapsed = time.monotonic() - started
+            if count > 0:
+                observed = elapsed / count
+                previous = self.seconds_per_request
+                self.seconds_per_request = observed if previous is None else 0.5 * previous + 0.5 * observed
             if self.online_recent():
-                pause = (time.monotonic() - started) * (1.0 - self.replay_share) / self.replay_share
+                pause = elapsed * (1.0 - self.replay_share) / self.replay_share
                 await asyncio.sleep(min(pause, self.max_wait_s))
