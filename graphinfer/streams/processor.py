@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from graphinfer import metrics
+from graphinfer import metrics, tracing
 from graphinfer.errors import ErrorDetail, GraphinferError, RequestRejected
 from graphinfer.models.decode import DecodedRequest, Limits, decode_request, request_hash
 from graphinfer.models.engine import Selection, select_models
@@ -255,6 +255,7 @@ class BatchProcessor:
                     if result.get("latency_ms") is not None:
                         metrics.MODEL_LATENCY.labels(result["model"]).observe(result["latency_ms"] / 1000.0)
         _count(items)
+        tracing.record_finished(items, delivered)
 
     def _maybe_inject_fault(self, count: int) -> None:
         if self.raise_after_messages <= 0:
