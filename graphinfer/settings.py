@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -386,6 +387,7 @@ class Settings(BaseSettings):
             password = urlsplit(self.database_url.get_secret_value()).password
             if password:
                 values.append(password)
+        values.extend(trace_export_secrets(os.environ))
         return [value for value in values if value]
 
     def topic_partitions(self) -> dict[str, int]:
@@ -456,3 +458,29 @@ def _variable_name(location: str) -> str:
         if target == field_name and os.environ.get(legacy) is not None and os.environ.get(modern) is None:
             return legacy
     return modern
+
+
+def trace_export_secrets(environ: Mapping[str, str]) -> list[str]:
+    """Return the credentials in OpenTelemetry's OTLP exporter variables, so logs can mask them.
+
+    These are the header values, and the user info and query values of the endpoints. The
+    OpenTelemetry SDK reads these variables itself, and its export errors may quote them.
+    """
+    values: list[str] = []
+    for name in ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"):
+        for pair in environ.get(name, "").split(","):
+            _, separator, value = pair.partition("=")
+            if separator and value.strip():
+                values.extend({value.strip(), unquote(value.strip())})
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        try:
+            parts = urlsplit(environ.get(name, "").strip())
+            password, username = parts.password, parts.username
+        except ValueError:
+            continue
+        # A lone user name, as in https://TOKEN@host/, is a token itself.
+        secret = password or username
+        if secret:
+            values.append(unquote(secret))
+        values.extend(value for _, value in parse_qsl(parts.query))
+    return values

@@ -86,7 +86,9 @@ async def test_model_load_failure_counted(tmp_path: Path) -> None:
     catalog = scan(tmp_path)
     # Changed after the scan checked it: every inference process refuses it.
     catalog.resolve("tampered@1").artifact_path.write_bytes(b"not the published artifact")
-    failed_before = sample("graphinfer_pool_model_loads_total", model="tampered", version="1", outcome="failed")
+    failed_before = sample(
+        "graphinfer_pool_model_loads_total", model="tampered", version="1", outcome="failed"
+    )
     pool = InferencePool(catalog.entries(), PoolOptions(processes=2, timeout_s=10.0))
     try:
         assert await pool.start() == {"healthy@1"}

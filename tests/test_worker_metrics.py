@@ -119,8 +119,12 @@ async def test_worker_metrics_after_traffic(
     await wait_until(caught_up, 30, "the consumer lag to return to 0")
     samples = await scrape(url)
     assert len(lags(samples, topic)) == 4, "one lag per partition of the request topic"
-    lag_topics = {dict(labels)["topic"] for name, labels in samples if name == "graphinfer_worker_consumer_lag"}
-    assert lag_topics <= {topic, metrics_environment["GRAPHINFER_REPLAY_TOPIC"]}, "only the topics with requests"
+    lag_topics = {
+        dict(labels)["topic"] for name, labels in samples if name == "graphinfer_worker_consumer_lag"
+    }
+    assert lag_topics <= {topic, metrics_environment["GRAPHINFER_REPLAY_TOPIC"]}, (
+        "only the topics with requests"
+    )
 
     # Requests by source and status, rejections by code.
     assert value(samples, "graphinfer_worker_messages_total", source="online", outcome="ok") == REQUESTS

@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from starlette.types import Receive
 
+from graphinfer import tracing
 from graphinfer.api.lease import NoPartitionFree, PartitionLease
 from graphinfer.api.metrics import GatewayMetrics
 from graphinfer.api.replies import Reply, ReplyRouter
@@ -345,6 +346,7 @@ class Gateway:
         request = decoded.request
         request_id = request.request_id
         assert request_id is not None
+        tracing.annotate_current_span({"graphinfer.request_id": request_id, "graphinfer.tenant": tenant})
         await self.check_models(request)
         digest = request_hash(decoded)
 

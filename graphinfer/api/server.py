@@ -7,6 +7,7 @@ the OpenAPI documents stay open.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from graphinfer import tracing
 from graphinfer.api.auth import ApiKeys
 from graphinfer.api.gateway import ClientDisconnected, Gateway
 from graphinfer.api.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, MetricsMiddleware
@@ -29,7 +31,7 @@ from graphinfer.api.responses import (
     install_error_handlers,
     reply_status,
 )
-from graphinfer.api.tracing import trace_context
+from graphinfer.api.tracing import TracingMiddleware, trace_context
 from graphinfer.errors import ErrorDetail, GraphinferError
 from graphinfer.models.schema import PredictReply, PredictRequest
 from graphinfer.settings import Settings
@@ -87,6 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "GRAPHINFER_API_KEYS is empty: the gateway accepts requests without an API key; "
                 "set tenant=key pairs to require one"
             )
+        tracing.configure("graphinfer-gateway")
         await gateway.start()
         logger.info(
             "gateway started request_topic=%s reply_topic=%s", settings.request_topic, settings.reply_topic
@@ -95,17 +98,31 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await gateway.stop()
+            # Off the event loop: the last export may wait for the collector up to its timeout.
+            await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(
         title="graphinfer gateway",
         version="1",
         summary="Graph inference over HTTP; every request goes through Kafka and the workers.",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry support is off, because graphinfer.tracing installs the
+        # provider and TracingMiddleware makes the one SERVER span of each traced route.
+        # FastAPI's spans would add a second SERVER span per request and trace /healthz too.
+        telemetry={
+            "tracing": False,
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+            "auto_configure": False,
+        },
     )
     app.state.gateway = gateway
     app.state.api_keys = keys
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # Added last, so it is the outer one and its span covers the metrics middleware too.
+    app.add_middleware(TracingMiddleware)
 
     v1 = APIRouter(prefix="/v1", responses={401: _ERRORS[401]})
 

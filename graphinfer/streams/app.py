@@ -27,7 +27,7 @@ import asyncpg
 import faust
 from faust.types import TP
 
-from graphinfer import metrics
+from graphinfer import metrics, tracing
 from graphinfer.models.decode import Limits
 from graphinfer.models.pool import InferencePool, PoolOptions
 from graphinfer.models.repository import ModelCatalog, scan
@@ -117,6 +117,7 @@ class WorkerRuntime:
         settings = self.settings
         self._app = app
         metrics.watch_lag(self.consumer_lag)
+        tracing.configure("graphinfer-worker")
         port = metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
         logger.info("metrics served url=http://%s:%d/metrics", settings.worker_metrics_host, port)
         self.database = await Database.connect(
@@ -320,6 +321,8 @@ class WorkerRuntime:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 logger.warning("could not remove this worker's model_deployments rows error=%r", exc)
             await self.database.close()
+        # Off the event loop: the last export may wait for the collector up to its timeout.
+        await asyncio.to_thread(tracing.shutdown)
 
 
 class GraphinferApp(faust.App):

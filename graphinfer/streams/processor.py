@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from graphinfer import metrics
+from graphinfer import metrics, tracing
 from graphinfer.errors import ErrorDetail, GraphinferError, RequestRejected
 from graphinfer.models.decode import DecodedRequest, Limits, decode_request, request_hash
 from graphinfer.models.engine import Selection, select_models
@@ -262,6 +262,7 @@ class BatchProcessor:
                     if result.get("latency_ms") is not None:
                         metrics.MODEL_LATENCY.labels(model, version).observe(result["latency_ms"] / 1000.0)
         self._count(items)
+        tracing.record_finished(items, delivered)
 
     def _count(self, items: Sequence[_Item]) -> None:
         for item in items:
