@@ -398,9 +398,18 @@ async def test_online_latency_during_replay(
         replay.send_signal(signal.SIGTERM)
         await asyncio.wait_for(replay.wait(), timeout=30)
 
+    idle_p95, during_p95 = float(np.percentile(idle, 95)), float(np.percentile(during, 95))
     idle_p99, during_p99 = float(np.percentile(idle, 99)), float(np.percentile(during, 99))
     assert stored_after < 3000, "the replay was still running when the online requests ended"
-    assert during_p99 <= 3 * idle_p99, (
+    assert during_p95 <= 3 * idle_p95, (
+        f"online p95 {during_p95:.0f} ms during the replay, {idle_p95:.0f} ms idle"
+    )
+    # The p99 of 120 requests is about their second slowest, and single
+    # requests of 60 to 120 ms turn up in idle phases too on this machine, so
+    # the p99 bar starts at 50 ms. Without the online-first gate an earlier
+    # measurement gave a p99 of 557 ms during a replay (benchmarks/README.md);
+    # benchmarks/replay_isolation.py measures the ratio over more requests.
+    assert during_p99 <= 3 * max(idle_p99, 50.0), (
         f"online p99 {during_p99:.0f} ms during the replay, {idle_p99:.0f} ms idle"
     )
 

@@ -347,7 +347,8 @@ class InferencePool:
         """Run the jobs; return each job's results in the order of its model refs.
 
         A ``background`` call computes features on all processes but one, so
-        an online batch arriving meanwhile finds a free process.
+        an online batch arriving meanwhile finds a free process; any other
+        call splits its features across the processes idle when it starts.
         """
         if not jobs:
             return []
@@ -361,12 +362,13 @@ class InferencePool:
                 self._drained.set()
 
     async def _run(self, jobs: list[Job], background: bool = False) -> list[list[dict[str, Any]]]:
-        # 1. Features, the jobs split across the processes.
-        parts = (
-            self.options.processes - 1
-            if background and self.options.processes > 1
-            else self.options.processes
-        )
+        # 1. Features, the jobs split across the processes: a background call
+        #    leaves one process free; any other call uses the processes idle
+        #    now, so that it does not queue behind a background call.
+        if background:
+            parts = max(1, self.options.processes - 1)
+        else:
+            parts = max(1, self._idle.qsize())
         chunks = _split(list(range(len(jobs))), parts)
         answers = await asyncio.gather(
             *(self._call(("features", [jobs[index] for index in chunk])) for chunk in chunks),
