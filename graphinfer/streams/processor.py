@@ -48,7 +48,6 @@ DLQ_HEADERS = (
     "graphinfer-dlq-offset",
 )
 TERMINAL = frozenset({"ok", "partial", "failed", "rejected", "expired"})
-_TRACEPARENT_RE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 # send(topic, key, value, partition, headers) schedules one message and
 # returns an awaitable that resolves once the broker has it.
@@ -529,10 +528,8 @@ def _header_text(message: Message, name: str) -> str | None:
 
 def _traceparent(message: Message) -> str | None:
     """Return the W3C traceparent header when well formed; anything else is not stored."""
-    text = _header_text(message, TRACEPARENT_HEADER)
-    if text is None or not _TRACEPARENT_RE.fullmatch(text.strip()):
-        return None
-    return text.strip()
+    context = tracing.parse_traceparent(_header_text(message, TRACEPARENT_HEADER))
+    return None if context is None else tracing.format_traceparent(context)
 
 
 def _describe_offsets(messages: Sequence[Message]) -> str:
