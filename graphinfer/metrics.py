@@ -165,6 +165,12 @@ REPLAY_RECORDS = Gauge(
     ["state"],
     registry=REGISTRY,
 )
+REPLAY_PENDING = Gauge(
+    "graphinfer_replay_runs_pending",
+    "Runs waiting for the leader, read by the leader when a tick fires; more than 1 means runs last "
+    "longer than the schedule's interval.",
+    registry=REGISTRY,
+)
 REPLAY_RUNS = Counter(
     "graphinfer_replay_runs",
     "Replay runs this process published, by how they ended (finished, released, failed, lost).",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from graphinfer import metrics
 from graphinfer.embedded import drop_database, ensure_database
 from graphinfer.replay.coordinator import TickTimer
 from graphinfer.replay.schedule import CronSchedule, ScheduleError
@@ -238,6 +239,27 @@ async def test_missed_ticks_skip_runs_none(store: ReplayStore, dataset: DatasetS
     assert await store.last_tick(timer.app_id) == utc(2026, 1, 1, 3), "the skipped tick counts as fired"
     assert await wake(leader, clock, utc(2026, 1, 1, 3, 59, 59, microsecond=900_000)) == utc(2026, 1, 1, 4)
     assert await scheduled_ticks(store, dataset) == [utc(2026, 1, 1, 4)]
+
+
+async def test_queueing_runs_reported(
+    store: ReplayStore, dataset: DatasetSpec, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock(utc(2026, 1, 1, 0, 30))
+    timer = make_timer(store, dataset, "0 * * * *", "UTC", clock)
+    await timer.start()
+    # Nothing takes the runs, as when each lasts longer than the hour between ticks.
+    await wake(timer, clock, utc(2026, 1, 1, 1))
+    with caplog.at_level("WARNING", logger="graphinfer.replay.coordinator"):
+        await wake(timer, clock, utc(2026, 1, 1, 2))
+
+    assert await scheduled_ticks(store, dataset) == [utc(2026, 1, 1, 1), utc(2026, 1, 1, 2)], (
+        "one run per tick"
+    )
+    pending = metrics.REGISTRY.get_sample_value("graphinfer_replay_runs_pending")
+    assert pending is not None
+    assert pending >= 2
+    assert "replay runs are queueing" in caplog.text
+    assert "GRAPHINFER_REPLAY_SCHEDULE" in caplog.text
 
 
 async def test_leader_change_after_tick_fires_nothing(store: ReplayStore, dataset: DatasetSpec) -> None:

@@ -33,6 +33,7 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from graphinfer import metrics
 from graphinfer.replay.ids import make_run_id
 from graphinfer.replay.publisher import PublishOptions, RunLostError, RunPublisher
 from graphinfer.replay.schedule import CronSchedule
@@ -192,6 +193,16 @@ class TickTimer:
             logger.info("replay tick already fired elsewhere tick=%s", tick.isoformat())
             return False
         logger.info("replay tick fired tick=%s run_id=%s", tick.isoformat(), run.run_id)
+        waiting = await self.store.pending_count()
+        metrics.REPLAY_PENDING.set(waiting)
+        if waiting > 1:
+            # One run per tick: when runs take longer than the interval, they queue.
+            logger.warning(
+                "replay runs are queueing pending=%d; a run takes longer than the interval of "
+                "GRAPHINFER_REPLAY_SCHEDULE; widen the interval, add workers, or raise "
+                "GRAPHINFER_REPLAY_SHARE if online traffic slows the replay",
+                waiting,
+            )
         self.on_run()
         return True
 

@@ -386,6 +386,10 @@ class ReplayStore:
         )
         return [RecordError(row["position"], row["location"], row["reason"]) for row in rows]
 
+    async def pending_count(self) -> int:
+        """Return how many runs wait for the leader (status ``pending``)."""
+        return int(await self.pool.fetchval("SELECT count(*) FROM replay_runs WHERE status = 'pending'"))
+
     async def finished_count(self, run_id: str) -> int:
         """Count the run's stored requests, whatever their status."""
         count: int = await self.pool.fetchval(
