@@ -103,7 +103,7 @@ def migrate(embedded: bool) -> None:
         click.echo("database schema is up to date")
 
 
-@main.command()
+@main.command(short_help="Run the main job on real data (MUTAG, Cora).")
 @click.option(
     "--repository", type=click.Path(path_type=Path), help="Model repository (default: the setting)."
 )
@@ -122,7 +122,7 @@ def demo(repository: Path | None, window: int, cora_limit: int | None) -> None:
     sys.exit(code)
 
 
-@main.command()
+@main.command(short_help="Publish requests from a file; print replies.")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--timeout", "timeout_s", default=60.0, show_default=True, help="Seconds to wait for all replies."
@@ -164,7 +164,7 @@ def bench(kind: str, count: int, window: int, embedded: bool) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-@main.command()
+@main.command(short_help="Replay a data set, resume a run, list runs.")
 @click.option(
     "--now", "start_now", is_flag=True, help="Start a run of the data set now, published from this process."
 )
@@ -288,7 +288,7 @@ def models_list() -> None:
                 click.echo(f"       {key}: {extractor[key]}")
 
 
-@models.command("validate")
+@models.command("validate", short_help="Check one model version directory.")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def models_validate(path: Path) -> None:
     """Check a model version directory: manifest, checksum and loading."""
@@ -313,13 +313,13 @@ def models_validate(path: Path) -> None:
     )
 
 
-@models.command("train-demo")
+@models.command("train-demo", short_help="Train the five demo models.")
 @click.option(
     "--repository", type=click.Path(path_type=Path), help="Model repository (default: the setting)."
 )
 @click.option("--seed", default=0, show_default=True, help="Random seed of splits and models.")
 def models_train_demo(repository: Path | None, seed: int) -> None:
-    """Train the demo models (MUTAG graph classifier, Cora node classifier)."""
+    """Train the five demo models (mutag-wl, cora-sgc, cora-links, otc-fraud, karate-club) as version 1."""
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     from graphinfer.models.training import DEMO_MODELS, train_demo

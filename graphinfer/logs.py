@@ -106,11 +106,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str, ensure_ascii=False)
 
 
+# uvicorn adds the message again with terminal colour codes as color_message.
+_NOT_FIELDS = frozenset({"exc_text", "color_message"})
+
+
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {
         key: value
         for key, value in vars(record).items()
-        if key not in _STANDARD_ATTRIBUTES and not key.startswith("_") and key not in ("exc_text",)
+        if key not in _STANDARD_ATTRIBUTES and not key.startswith("_") and key not in _NOT_FIELDS
     }
 
 

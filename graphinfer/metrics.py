@@ -30,7 +30,8 @@ MESSAGES = Counter(
 )
 REJECTIONS = Counter(
     "graphinfer_worker_rejections",
-    "Requests answered rejected or failed as a whole, by source and error code.",
+    "Requests answered with an error of their own (rejected, expired, or failed with code internal), "
+    "by source and error code; model failures are counted in graphinfer_worker_model_results.",
     ["source", "code"],
     registry=REGISTRY,
 )
@@ -156,8 +157,9 @@ POOL_MAX_RSS = Gauge(
     registry=REGISTRY,
 )
 
-# Replay: set by the process that publishes a run (the replay leader, or
-# `graphinfer replay --now`); results are counted in graphinfer_worker_messages{source="replay"}.
+# Replay: set by the process that publishes a run; of those, only a worker
+# leading the replay serves them. Results are counted in
+# graphinfer_worker_messages{source="replay"}.
 REPLAY_RECORDS = Gauge(
     "graphinfer_replay_run_records",
     "Records of the replay run this process publishes (or last published), by state: total in the "
@@ -167,8 +169,8 @@ REPLAY_RECORDS = Gauge(
 )
 REPLAY_PENDING = Gauge(
     "graphinfer_replay_runs_pending",
-    "Runs waiting for the leader, read by the leader when a tick fires; more than 1 means runs last "
-    "longer than the schedule's interval.",
+    "Runs waiting for the leader, read by the leader when a tick fires and when it takes a run; more "
+    "than 1 means runs last longer than the schedule's interval.",
     registry=REGISTRY,
 )
 REPLAY_RUNS = Counter(

@@ -154,6 +154,8 @@ class Settings(BaseSettings):
     """Messages the worker reads ahead of its agent per topic, at least 4 batches (default 4096)."""
     batch_retry_max_delay_s: float = Field(default=30.0, gt=0, le=3600)
     """Maximum wait in seconds between retries of a failed database or broker call of a batch (default 30)."""
+    shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600)
+    """Seconds a stopping worker waits for the batches in progress; the rest stay uncommitted (default 30, 0 waits as long as they take)."""
     fault_injection_raise_after_messages: int = Field(default=0, ge=0)
     """Testing only: the batch step raises once after this many messages, before storing; 0 never (default)."""
 

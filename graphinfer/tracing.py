@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -65,14 +65,25 @@ def configure(service_name: str) -> TracerProvider | None:
         return None
     endpoint = traces_endpoint(os.environ)
     assert endpoint is not None
+    if urlsplit(endpoint).scheme not in ("http", "https"):
+        logger.error(
+            "trace export off: the OTLP endpoint %s is not an http:// or https:// URL; set %s or %s "
+            "to one, such as http://127.0.0.1:4318",
+            mask_endpoint(endpoint),
+            TRACES_ENDPOINT,
+            BASE_ENDPOINT,
+        )
+        return None
     _warn_about_protocol(os.environ)
 
     # Imported only when export is on, so a process without an endpoint does not load the exporter.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     provider = TracerProvider(resource=_resource(service_name))
-    # The exporter reads the endpoint, headers, timeout and TLS files from the environment itself.
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    # The exporter reads the headers, timeout and TLS files from the environment
+    # itself; the endpoint is passed so that a query string in the base
+    # variable stays after the /v1/traces path.
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)
     _provider = provider
     logger.info(
@@ -103,9 +114,13 @@ def traces_endpoint(environ: Mapping[str, str]) -> str | None:
     if traces:
         return traces
     base = environ.get(BASE_ENDPOINT, "").strip()
-    if base:
+    if not base:
+        return None
+    try:
+        parts = urlsplit(base)
+    except ValueError:
         return f"{base.removesuffix('/')}/{_TRACES_PATH}"
-    return None
+    return urlunsplit(parts._replace(path=f"{parts.path.removesuffix('/')}/{_TRACES_PATH}"))
 
 
 def mask_endpoint(url: str) -> str:

@@ -219,6 +219,7 @@ async def test_unknown_model_is_422_before_publishing(
 ) -> None:
     request = {**datasets.mutag_request(mutag_record, unique_id), "models": ["mutag-wl", model]}
     body = assert_error(await client.post("/v1/predict", json=request), 422, "unknown_model")
+    assert body["request_id"] == unique_id
     assert body["error"]["details"][0]["field"] == "models[1]"
     assert body["error"]["details"][0]["value"] == model
     assert "mutag-wl@1" in body["error"]["details"][0]["limit"]
@@ -228,6 +229,7 @@ async def test_unknown_model_is_422_before_publishing(
 async def test_unknown_task_is_422(client: httpx.AsyncClient, mutag_record: dict, unique_id: str) -> None:
     request = {**datasets.mutag_request(mutag_record, unique_id), "task": "community"}
     body = assert_error(await client.post("/v1/requests", json=request), 422, "unknown_task")
+    assert body["request_id"] == unique_id
     assert body["error"]["details"][0]["field"] == "task"
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,27 @@ async def test_model_load_failure_counted(tmp_path: Path) -> None:
     failed = sample("graphinfer_pool_model_loads_total", model="tampered", version="1", outcome="failed")
     assert failed - failed_before == 2
     assert sample("graphinfer_pool_model_load_seconds_count", model="healthy", version="1") >= 2
+
+
+async def test_process_killed_while_idle_replaced_before_use(tmp_path: Path) -> None:
+    write_model(tmp_path, "healthy", 1, fake_models.ConstantModel([0.2, 0.8]))
+    pool = InferencePool(scan(tmp_path).entries(), PoolOptions(processes=1, timeout_s=10.0))
+    died_before = sample("graphinfer_pool_restarts_total", reason="died")
+    try:
+        await pool.start()
+        [pid] = pool.pids
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not pool._all or not next(iter(pool._all)).process.is_alive():
+                break
+            await asyncio.sleep(0.05)
+
+        [results] = await pool.run([job(graph_request("after-kill"), ["healthy@1"])])
+        assert results[0]["status"] == "ok", results
+        assert pool.pids != [pid]
+    finally:
+        await pool.close()
+    assert sample("graphinfer_pool_restarts_total", reason="died") - died_before == 1
 
 
 async def test_batched_failure_retried_per_request(tmp_path: Path) -> None:

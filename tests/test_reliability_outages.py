@@ -140,6 +140,72 @@ async def test_database_outage_pauses_and_catches_up(
     )
 
 
+async def test_sigterm_during_database_outage_stops_in_time(
+    worker_environment: dict[str, str],
+    slow_repository: Path,
+    private_cluster: PrivateCluster,
+    tmp_path: Path,
+) -> None:
+    database_url = await ensure_database(private_cluster.url, "graphinfer_stop_outage")
+    environment = private_environment(
+        worker_environment,
+        f"stopout{uuid.uuid4().hex[:8]}",
+        GRAPHINFER_DATABASE_URL=database_url,
+        GRAPHINFER_MODEL_REPOSITORY=str(slow_repository),
+        GRAPHINFER_BATCH_RETRY_MAX_DELAY_S="1",
+        GRAPHINFER_BATCH_MAX_SIZE="8",
+        GRAPHINFER_KAFKA_SESSION_TIMEOUT_S="3",
+        GRAPHINFER_SHUTDOWN_TIMEOUT_S="3",
+    )
+    first = launch_worker(environment, tmp_path / "first.log")
+    client = KafkaTestClient(environment)
+    await client.start()
+    ledger = Ledger()
+    second = None
+    try:
+        await ledger.publish_requests(
+            client, [graph_request(f"before-{index}", models=["healthy"]) for index in range(40)]
+        )
+        await wait_for_replies(client, ["before-0"], timeout_s=60)
+
+        # The database goes away with batches in progress; then the worker gets SIGTERM.
+        private_cluster.stop_server()
+
+        async def outage_seen() -> bool:
+            return "database unavailable" in first.log()
+
+        await wait_until(outage_seen, 30, "the worker to see the outage")
+        first.process.terminate()
+        stopping_at = time.monotonic()
+        first.process.wait(timeout=60)
+        stop_s = time.monotonic() - stopping_at
+
+        # The next worker, once the database is back, processes what the first left.
+        private_cluster.start_server()
+        second = launch_worker(environment, tmp_path / "second.log")
+        outcomes = await wait_for_terminal(client, ledger, timeout_s=90)
+    finally:
+        if first.process.poll() is None:
+            first.process.kill()
+        if second is not None:
+            stop_worker(second)
+        await client.stop()
+
+    assert stop_s < 20, f"the worker took {stop_s:.1f} s to stop"
+    assert log_lines(first, r"stopping with \d+ messages not finished after 3 s")
+    assert all(outcomes.terminal(entry) == 1 for entry in ledger.sent), "every request stored once"
+    assert sorted(outcomes.predictions.values()) == [1] * len(ledger.sent)
+    report(
+        "sigterm_during_database_outage",
+        sent=len(ledger.sent),
+        shutdown_timeout_s=3,
+        stop_s=round(stop_s, 1),
+        exit_code=first.process.returncode,
+        rows=sum(outcomes.predictions.values()),
+        lost=sum(1 for entry in ledger.sent if outcomes.terminal(entry) == 0),
+    )
+
+
 @pytest.fixture
 def private_broker() -> Iterator[EmbeddedBroker]:
     broker = EmbeddedBroker().start()

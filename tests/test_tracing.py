@@ -188,6 +188,10 @@ def test_trace_export_secrets_masked_in_logs() -> None:
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, "http://collector:4318/v1/traces"),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"}, "http://collector:4318/v1/traces"),
         (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://collector:4318/otlp?tenant=a"},
+            "https://collector:4318/otlp/v1/traces?tenant=a",
+        ),
+        (
             {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/custom"},
             "http://collector:4318/custom",
         ),
@@ -253,6 +257,22 @@ def test_configure_disabled_sdk_ignores_endpoint(
     assert provider is None
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
     assert "trace export off: OTEL_SDK_DISABLED=true" in caplog.text
+
+
+def test_configure_refuses_endpoint_without_scheme(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4318")
+
+    with caplog.at_level(logging.INFO, logger="graphinfer.tracing"):
+        provider = tracing.configure("graphinfer-worker")
+
+    assert provider is None
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+    assert "is not an http:// or https:// URL" in caplog.text
+    assert "http://127.0.0.1:4318" in caplog.text
 
 
 # --- end to end ------------------------------------------------------------------------

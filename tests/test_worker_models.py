@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from graphinfer.models.manifest import ARTIFACT_NAME
@@ -193,3 +194,11 @@ async def test_broken_new_version_keeps_serving(
     assert after["status"] == "ok"
     assert after["results"][0]["version"] == before["results"][0]["version"]
     assert re.search(r"model rejected path=\S+/versioned/9", model_worker.log())
+    # The refused version is counted even though the served set did not change.
+    url = re.search(r"metrics served url=(\S+)", model_worker.log())
+    assert url is not None
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(url.group(1))).text
+    refused = re.search(r"^graphinfer_worker_models_refused (\S+)$", text, re.MULTILINE)
+    assert refused is not None
+    assert float(refused.group(1)) >= 1

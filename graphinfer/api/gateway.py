@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,7 +37,7 @@ from graphinfer.api.replies import Reply, ReplyRouter
 from graphinfer.broker import ensure_topics
 from graphinfer.errors import ConfigurationError, ErrorDetail, GraphinferError, RequestRejected
 from graphinfer.models.decode import Limits, parse_json, request_hash, validate_document
-from graphinfer.models.schema import PredictRequest
+from graphinfer.models.schema import REQUEST_ID_PATTERN, PredictRequest
 from graphinfer.settings import Settings
 from graphinfer.storage import requests as stored_requests
 from graphinfer.storage.db import Database
@@ -342,12 +343,18 @@ class Gateway:
         if isinstance(document, dict) and document.get("request_id") is None:
             document["request_id"] = uuid.uuid4().hex
             generated = True
-        decoded = validate_document(document, self.limits)
-        request = decoded.request
-        request_id = request.request_id
-        assert request_id is not None
-        tracing.annotate_current_span({"graphinfer.request_id": request_id, "graphinfer.tenant": tenant})
-        await self.check_models(request)
+        try:
+            decoded = validate_document(document, self.limits)
+            request = decoded.request
+            request_id = request.request_id
+            assert request_id is not None
+            tracing.annotate_current_span({"graphinfer.request_id": request_id, "graphinfer.tenant": tenant})
+            await self.check_models(request)
+        except GraphinferError as exc:
+            # The error body names the caller's own request_id when it has a valid one.
+            if not generated and getattr(exc, "request_id", None) is None:
+                exc.request_id = _valid_request_id(document)  # type: ignore[attr-defined]
+            raise
         digest = request_hash(decoded)
 
         # 2. Register the waiter, then store the request or compare it with the stored one.
@@ -511,3 +518,9 @@ def _log_supervisor_end(task: asyncio.Task[None]) -> None:
         logger.error(
             "the gateway stopped connecting and stays not ready; restart it", exc_info=task.exception()
         )
+
+
+def _valid_request_id(document: Any) -> str | None:
+    """Return the document's request_id when it is a well-formed one, else None."""
+    value = document.get("request_id") if isinstance(document, dict) else None
+    return value if isinstance(value, str) and re.fullmatch(REQUEST_ID_PATTERN, value) else None

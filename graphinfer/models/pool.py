@@ -139,7 +139,15 @@ def _child_main(
 
 
 def _max_rss() -> metrics.Observation:  # pragma: no cover - runs in the pool process
-    # ru_maxrss is in KiB on Linux.
+    # VmHWM is this process's own peak. ru_maxrss is not: a spawned process
+    # starts with the peak of the worker that forked it.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return ("max_rss_bytes", (), float(int(line.split()[1]) * 1024))
+    except OSError:
+        pass
     return ("max_rss_bytes", (), float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
 
 
@@ -242,7 +250,8 @@ class PoolProcess:
             code = self.process.exitcode
             if code == -signal.SIGKILL:
                 raise CallFailed(
-                    "model_out_of_memory", "the inference process was killed (out of memory)"
+                    "model_out_of_memory",
+                    "the inference process was killed by SIGKILL, most often the kernel's out-of-memory killer",
                 ) from None
             raise CallFailed("model_failed", f"the inference process died with exit code {code}") from None
         metrics.record_pool(observations, self.slot)
@@ -313,7 +322,7 @@ class InferencePool:
             logger.error("an inference process could not be restarted: %s", exc)
 
     async def _call(self, message: tuple[Any, ...]) -> Any:
-        process = await self._idle.get()
+        process = await self._take_idle()
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._io, process.round_trip, message)
         try:
@@ -343,6 +352,19 @@ class InferencePool:
         self._idle.put_nowait(process)
         return result
 
+    async def _take_idle(self) -> PoolProcess:
+        """Return an idle process, replacing those that died while idle (killed from outside, say)."""
+        while True:
+            process = await self._idle.get()
+            if process.process.is_alive():
+                return process
+            logger.warning(
+                "inference process died while idle; replacing pid=%s exit_code=%s",
+                process.pid,
+                process.process.exitcode,
+            )
+            await self._replace(process, "died")
+
     async def run(self, jobs: Sequence[Job], *, background: bool = False) -> list[list[dict[str, Any]]]:
         """Run the jobs; return each job's results in the order of its model refs.
 
@@ -362,9 +384,9 @@ class InferencePool:
                 self._drained.set()
 
     async def _run(self, jobs: list[Job], background: bool = False) -> list[list[dict[str, Any]]]:
-        # 1. Features, the jobs split across the processes: a background call
-        #    leaves one process free; any other call uses the processes idle
-        #    now, so that it does not queue behind a background call.
+        # 1. Features, the jobs split across the processes. A background call
+        #    leaves one process free. Any other call uses only the processes
+        #    idle now, so it does not queue behind a background call.
         if background:
             parts = max(1, self.options.processes - 1)
         else:

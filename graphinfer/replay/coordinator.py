@@ -357,6 +357,8 @@ class ReplayCoordinator:
     async def _run_loop(self, producer: AIOKafkaProducer) -> None:
         while True:
             run = await self.store.claim_next(self.owner, self.settings.replay_stale_s)
+            if run is not None:
+                metrics.REPLAY_PENDING.set(await self.store.pending_count())
             if run is None:
                 self._work_waiting.clear()
                 with contextlib.suppress(TimeoutError):

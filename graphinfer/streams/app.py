@@ -225,6 +225,7 @@ class WorkerRuntime:
             except OSError as exc:
                 logger.error("model reload failed, keeping the loaded models error=%r", exc)
                 return False
+            metrics.MODELS_REFUSED.set(len(catalog.refusals))
             if catalog.fingerprint() == self.models.catalog.fingerprint():
                 return False
             new = await self._load(catalog)
@@ -335,6 +336,7 @@ class GraphinferApp(faust.App):
         self._transport_cls = transport_class(settings.kafka_fetch_max_wait_ms)
         super().__init__(settings.app_id, **options)
         self.assignments = 0
+        self._stopping = False
         self._start_offsets_task: asyncio.Task[None] | None = None
         self.on_partitions_assigned.connect(self._log_assignment)
 
@@ -358,9 +360,39 @@ class GraphinferApp(faust.App):
         )
 
     async def on_stop(self) -> None:
+        self._stopping = True
         await super().on_stop()
         await self.runtime.stop()
         logger.info("worker stopped name=%s %s", self.runtime.name, metrics.summary())
+
+    async def _consumer_wait_empty(self, consumer: Any, log: Any) -> None:
+        # Faust waits for every message the agents took before it commits,
+        # also at shutdown, with no limit: a batch held by a database outage
+        # would keep a stopping worker alive until the outage ends. At
+        # shutdown the wait is bounded; the messages left unfinished stay
+        # uncommitted, and the next owner of their partitions processes them.
+        # NOTE: faust-streaming 0.15.3 swallows the cancellation of its own
+        # wait, so the bound polls its set of unacknowledged messages, a
+        # private attribute of the pinned version.
+        timeout = self.settings.shutdown_timeout_s
+        if not self._stopping or timeout <= 0:
+            await super()._consumer_wait_empty(consumer, log)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while _unfinished(consumer) and loop.time() < deadline:  # noqa: ASYNC110 - no event to wait on
+            await asyncio.sleep(0.1)
+        unfinished = _unfinished(consumer)
+        if not unfinished:
+            await super()._consumer_wait_empty(consumer, log)
+            return
+        logger.warning(
+            "stopping with %d messages not finished after %.0f s (GRAPHINFER_SHUTDOWN_TIMEOUT_S); "
+            "they are not committed, so the next worker to own their partitions processes them",
+            unfinished,
+            timeout,
+        )
+        await consumer.commit()
 
     def _log_assignment(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         assigned: set[TP] = args[0] if args else set()
@@ -391,6 +423,11 @@ class GraphinferApp(faust.App):
     ) -> Any:
         """Schedule one message on the app's producer; await the result for delivery."""
         return await self.producer.send(topic, key, value, partition, None, headers)
+
+
+def _unfinished(consumer: Any) -> int:
+    """Return how many messages the agents took and have not acknowledged yet."""
+    return sum(1 for message in list(getattr(consumer, "_unacked_messages", ())) if not message.acked)
 
 
 def create_app(settings: Settings) -> GraphinferApp:
