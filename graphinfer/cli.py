@@ -248,16 +248,21 @@ def models() -> None:
 
 
 @models.command("list")
-def models_list() -> None:
+@click.option(
+    "--repository", type=click.Path(path_type=Path), help="Model repository (default: the setting)."
+)
+def models_list(repository: Path | None) -> None:
     """List the models in the repository and the feature extractors."""
     settings = _settings()
+    if repository is not None:
+        settings = settings.model_copy(update={"model_repository": repository})
     configure_logging("WARNING", settings.log_format, settings.secret_values())
     from graphinfer.models import features
     from graphinfer.models.repository import scan
 
     if not settings.model_repository.is_dir() and not settings.model_paths:
         raise click.ClickException(
-            f"the model repository {settings.model_repository} does not exist (GRAPHINFER_MODEL_REPOSITORY); "
+            f"the model repository {settings.model_repository} does not exist (--repository or GRAPHINFER_MODEL_REPOSITORY); "
             "set the setting, or create one with `graphinfer models train-demo`"
         )
     catalog = scan(

@@ -206,3 +206,23 @@ def test_bench_reports_latency(worker) -> None:
     assert "20 sent, 20 answered" in result.stdout
     assert re.search(r"latency ms: p50 [\d.]+", result.stdout)
     assert "CPUs available" in result.stdout
+
+
+def test_models_list_reads_given_repository(model_repository: Path, tmp_path: Path) -> None:
+    result = run_cli("models", "list", "--repository", str(model_repository))
+    assert result.returncode == 0, result.stderr
+    assert f"models in {model_repository}:" in result.stdout
+    assert re.search(r"^ \* mutag-wl@1\s+task=graph", result.stdout, re.MULTILINE)
+
+    missing = run_cli("models", "list", "--repository", str(tmp_path / "none"))
+    assert missing.returncode != 0
+    assert "(--repository or GRAPHINFER_MODEL_REPOSITORY)" in missing.stderr
+
+
+def test_help_lists_every_command_on_one_line() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    commands = result.stdout.split("Commands:", 1)[1].strip().splitlines()
+    names = [line.split()[0] for line in commands]
+    assert names == ["bench", "demo", "gateway", "migrate", "models", "replay", "send", "worker"]
+    assert not [line for line in commands if line.rstrip().endswith("...")], "no summary is cut short"
