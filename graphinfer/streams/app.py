@@ -337,7 +337,8 @@ class GraphinferApp(faust.App):
         super().__init__(settings.app_id, **options)
         self.assignments = 0
         self._stopping = False
-        self._start_offsets_task: asyncio.Task[None] | None = None
+        # Held here so that a running task is not garbage-collected.
+        self._start_offsets_tasks: set[asyncio.Task[None]] = set()
         self.on_partitions_assigned.connect(self._log_assignment)
 
     def _new_transport(self) -> Any:
@@ -402,9 +403,11 @@ class GraphinferApp(faust.App):
         metrics.ASSIGNMENTS.inc()
         # Not awaited here: the position of a new partition is known only
         # once the rebalance that runs this callback has finished.
-        self._start_offsets_task = asyncio.get_running_loop().create_task(
+        task = asyncio.get_running_loop().create_task(
             self.runtime.record_start_offsets(self, set(assigned)), name="graphinfer-start-offsets"
         )
+        self._start_offsets_tasks.add(task)
+        task.add_done_callback(self._start_offsets_tasks.discard)
         logger.info(
             "partitions assigned assignment=%d rebalances=%d generation=%s partitions=%s",
             self.assignments,
