@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -220,3 +222,81 @@ def test_more_replicas_than_partitions_not_ready(
     finally:
         first.stop()
         second.stop()
+
+
+async def test_reply_after_lease_moved_read_from_database(
+    replica_environment: dict[str, str], worker: WorkerProcess, mutag_requests: list[dict], tmp_path: Path
+) -> None:
+    gateway = start_gateway(replica_environment, tmp_path / "moved.log")
+    database_url = replica_environment["GRAPHINFER_DATABASE_URL"]
+    key = lease_key(replica_environment["GRAPHINFER_REPLY_TOPIC"])
+    holder = await asyncpg.connect(database_url)
+    request_id = f"moved-{uuid.uuid4().hex[:8]}"
+    try:
+        leased = int(await gateway.metric_async("graphinfer_gateway_reply_partition"))
+        # The worker stands still while the lease moves, so the reply comes
+        # afterwards, on the partition this replica no longer reads.
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        try:
+            client = httpx.AsyncClient(base_url=gateway.url, timeout=60)
+            posting = asyncio.create_task(
+                client.post(
+                    "/v1/predict",
+                    params={"timeout_s": 30},
+                    json=datasets.mutag_request(mutag_requests[0], request_id),
+                )
+            )
+            await _wait_for(
+                lambda: _stored_status(database_url, request_id), "the request to be stored as pending"
+            )
+
+            # End the replica's lease connection and hold its partition, so it leases another one.
+            await holder.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND classid = $1::oid AND objid = $2::oid AND objsubid = 2",
+                key & 0xFFFF_FFFF,
+                leased,
+            )
+
+            async def taken() -> bool:
+                return bool(await holder.fetchval("SELECT pg_try_advisory_lock($1, $2)", key, leased))
+
+            await _wait_for(taken, "the freed partition")
+
+            async def moved() -> bool:
+                partition = await gateway.metric_async("graphinfer_gateway_reply_partition")
+                return partition not in (leased, -1)
+
+            await _wait_for(moved, "the replica to lease another partition")
+        finally:
+            os.kill(worker.process.pid, signal.SIGCONT)
+        response = await posting
+        await client.aclose()
+
+        assert response.status_code == 200, response.text
+        assert response.json()["request_id"] == request_id
+        assert response.json()["status"] == "ok"
+        assert await gateway.metric_async("graphinfer_gateway_waits_total", outcome="stored") >= 1
+    finally:
+        await holder.close()
+        gateway.stop()
+
+
+async def _stored_status(database_url: str, request_id: str) -> bool:
+    connection = await asyncpg.connect(database_url)
+    try:
+        return (
+            await connection.fetchval(
+                "SELECT status FROM inference_requests WHERE request_id = $1", request_id
+            )
+            is not None
+        )
+    finally:
+        await connection.close()
+
+
+async def _wait_for(check: Any, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)

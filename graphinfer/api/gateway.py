@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 _RETRY_MIN_S = 0.5
 _RETRY_MAX_S = 2.0
 _LEASE_CHECK_INTERVAL_S = 2.0
+# How often a waiter whose reply partition this replica no longer reads looks in the database.
+_STORED_POLL_S = 0.5
 _MODEL_CACHE_S = 2.0
 _DATABASE_CHECK_TIMEOUT_S = 2.0
 _PRODUCER_START_TIMEOUT_S = 10.0
@@ -73,6 +75,10 @@ class Submission:
     request_id: str
     reply: Reply | None
     waiter: asyncio.Future[Reply] | None
+    # The reply-topic partition the worker was asked to answer on, and an
+    # event set when this replica stops reading it.
+    partition: int | None = None
+    partition_moved: asyncio.Event | None = None
 
 
 class ClientDisconnected(Exception):
@@ -102,6 +108,8 @@ class Gateway:
         }
         self.in_flight = 0
         self._topics_checked = False
+        # Set, and replaced, when this replica starts reading another reply partition.
+        self._partition_moved = asyncio.Event()
         self._problem_since: dict[str, float] = {name: time.monotonic() for name in self.problems}
         self._supervisor: asyncio.Task[None] | None = None
         self._deployments: list[Deployment] = []
@@ -231,6 +239,9 @@ class Gateway:
             partition = await self.lease.acquire(self.settings.reply_partitions, prefer=previous)
             if partition != previous or self.router.reader_failure() is not None:
                 await self.router.start(partition)
+            if previous is not None and partition != previous:
+                moved, self._partition_moved = self._partition_moved, asyncio.Event()
+                moved.set()
         except NoPartitionFree as exc:
             self._set_problem("reply_partition", str(exc))
             raise
@@ -358,7 +369,7 @@ class Gateway:
         digest = request_hash(decoded)
 
         # 2. Register the waiter, then store the request or compare it with the stored one.
-        partition = self.router.partition
+        partition, partition_moved = self.router.partition, self._partition_moved
         waiter = self.router.register(request_id) if wait else None
         try:
             inserted = await stored_requests.insert_pending(
@@ -394,7 +405,20 @@ class Gateway:
             if waiter is not None:
                 self.router.discard(request_id, waiter)
             raise
-        return Submission(request_id, None, waiter)
+        return Submission(request_id, None, waiter, partition, partition_moved)
+
+    async def _finished_reply(self, request_id: str) -> Reply | None:
+        """Return the stored reply of a finished request, or None while it is pending or unreadable."""
+        if self.database is None:
+            return None
+        try:
+            state = await stored_requests.fetch_state(self.database, request_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            logger.debug("reading a stored reply failed request_id=%s error=%r", request_id, exc)
+            return None
+        if state is None or state.status == "pending":
+            return None
+        return state.reply
 
     async def _stored_reply(
         self, database: Database, request_id: str, digest: str, tenant: str | None
@@ -450,21 +474,40 @@ class Gateway:
         waiter = submission.waiter
         assert waiter is not None
         disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
-        watched: set[asyncio.Future[Any]] = {waiter, disconnect}
+        moved = asyncio.ensure_future((submission.partition_moved or asyncio.Event()).wait())
+        watched: set[asyncio.Future[Any]] = {waiter, disconnect, moved}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         try:
-            done, _ = await asyncio.wait(watched, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if waiter in done:
-                self.metrics.waits.labels("replied").inc()
-                return waiter.result()
-            if disconnect in done:
-                self.metrics.waits.labels("disconnected").inc()
-                logger.debug("client disconnected request_id=%s", submission.request_id)
-                raise ClientDisconnected(submission.request_id)
+            while True:
+                # A replica that lost its lease reads another partition now,
+                # so the reply goes where nobody reads; the stored result is
+                # then read from the database instead.
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                wait_s = min(remaining, _STORED_POLL_S) if moved.done() else remaining
+                done, _ = await asyncio.wait(watched, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                if moved.done():
+                    watched.discard(moved)
+                if waiter in done:
+                    self.metrics.waits.labels("replied").inc()
+                    return waiter.result()
+                if disconnect in done:
+                    self.metrics.waits.labels("disconnected").inc()
+                    logger.debug("client disconnected request_id=%s", submission.request_id)
+                    raise ClientDisconnected(submission.request_id)
+                if moved.done():
+                    stored = await self._finished_reply(submission.request_id)
+                    if stored is not None:
+                        self.metrics.waits.labels("stored").inc()
+                        return stored
             self.metrics.waits.labels("timeout").inc()
             return None
         finally:
             # Runs on cancellation too, so an abandoned waiter never stays registered.
             disconnect.cancel()
+            moved.cancel()
             self.router.discard(submission.request_id, waiter)
             waiter.cancel()
 
