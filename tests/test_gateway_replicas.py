@@ -234,8 +234,8 @@ async def test_reply_after_lease_moved_read_from_database(
     request_id = f"moved-{uuid.uuid4().hex[:8]}"
     try:
         leased = int(await gateway.metric_async("graphinfer_gateway_reply_partition"))
-        # The worker stands still while the lease moves, so the reply comes
-        # afterwards, on the partition this replica no longer reads.
+        # The worker is stopped (SIGSTOP) while the lease moves, so the reply
+        # comes afterwards, on the partition this replica no longer reads.
         os.kill(worker.process.pid, signal.SIGSTOP)
         try:
             client = httpx.AsyncClient(base_url=gateway.url, timeout=60)
@@ -295,8 +295,8 @@ async def _stored_status(database_url: str, request_id: str) -> bool:
         await connection.close()
 
 
-async def _wait_for(check: Any, what: str, timeout_s: float = 20.0) -> None:
+async def _wait_for(check: Any, condition: str, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {condition}"
         await asyncio.sleep(0.1)

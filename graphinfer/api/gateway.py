@@ -480,9 +480,9 @@ class Gateway:
         deadline = loop.time() + timeout_s
         try:
             while True:
-                # A replica that lost its lease reads another partition now,
-                # so the reply goes where nobody reads; the stored result is
-                # then read from the database instead.
+                # After this replica lost its lease and moved to another
+                # partition, the reply goes to a partition no replica reads,
+                # so the stored result is read from the database instead.
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
