@@ -81,7 +81,7 @@ def configure(service_name: str) -> TracerProvider | None:
 
     provider = TracerProvider(resource=_resource(service_name))
     # The exporter reads the headers, timeout and TLS files from the environment
-    # itself; the endpoint is passed so that a query string in the base
+    # itself. The endpoint is passed in, so that a query string in the base
     # variable stays after the /v1/traces path.
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)

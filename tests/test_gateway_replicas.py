@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
@@ -20,6 +19,7 @@ from graphinfer.models import datasets
 from tests.conftest import WorkerProcess
 from tests.gateway_process import GatewayProcess, start_gateway
 from tests.kafka_client import KafkaTestClient
+from tests.reliability_support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -246,9 +246,14 @@ async def test_reply_after_lease_moved_read_from_database(
                     json=datasets.mutag_request(mutag_requests[0], request_id),
                 )
             )
-            await _wait_for(
-                lambda: _stored_status(database_url, request_id), "the request to be stored as pending"
-            )
+
+            async def stored() -> bool:
+                row = await holder.fetchval(
+                    "SELECT 1 FROM inference_requests WHERE request_id = $1", request_id
+                )
+                return row is not None
+
+            await wait_until(stored, 20, "the request to be stored as pending", interval_s=0.1)
 
             # End the replica's lease connection and hold its partition, so it leases another one.
             await holder.execute(
@@ -261,13 +266,13 @@ async def test_reply_after_lease_moved_read_from_database(
             async def taken() -> bool:
                 return bool(await holder.fetchval("SELECT pg_try_advisory_lock($1, $2)", key, leased))
 
-            await _wait_for(taken, "the freed partition")
+            await wait_until(taken, 20, "the freed partition", interval_s=0.1)
 
             async def moved() -> bool:
                 partition = await gateway.metric_async("graphinfer_gateway_reply_partition")
                 return partition not in (leased, -1)
 
-            await _wait_for(moved, "the replica to lease another partition")
+            await wait_until(moved, 20, "the replica to lease another partition", interval_s=0.1)
         finally:
             os.kill(worker.process.pid, signal.SIGCONT)
         response = await posting
@@ -280,23 +285,3 @@ async def test_reply_after_lease_moved_read_from_database(
     finally:
         await holder.close()
         gateway.stop()
-
-
-async def _stored_status(database_url: str, request_id: str) -> bool:
-    connection = await asyncpg.connect(database_url)
-    try:
-        return (
-            await connection.fetchval(
-                "SELECT status FROM inference_requests WHERE request_id = $1", request_id
-            )
-            is not None
-        )
-    finally:
-        await connection.close()
-
-
-async def _wait_for(check: Any, condition: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {condition}"
-        await asyncio.sleep(0.1)

@@ -259,7 +259,7 @@ def test_configure_disabled_sdk_ignores_endpoint(
     assert "trace export off: OTEL_SDK_DISABLED=true" in caplog.text
 
 
-def test_configure_refuses_endpoint_without_scheme(
+def test_configure_rejects_endpoint_without_scheme(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)

@@ -1,8 +1,8 @@
-"""The worker's Prometheus endpoint after real traffic: every family the operations guide lists.
+"""The worker's Prometheus endpoint after real traffic: every family the README lists.
 
 A private worker serves a model that sleeps on every call, so a backlog
-builds up on the request topic while the test scrapes ``/metrics``; the lag
-it reports must rise above 0 and come back to 0 once every reply is out.
+builds up on the request topic while the test scrapes ``/metrics``. The lag
+it reports must rise above 0, then return to 0 once every reply is out.
 """
 
 from __future__ import annotations

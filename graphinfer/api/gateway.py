@@ -75,8 +75,8 @@ class Submission:
     request_id: str
     reply: Reply | None
     waiter: asyncio.Future[Reply] | None
-    # The reply-topic partition the worker was asked to answer on, and an
-    # event set when this replica stops reading it.
+    # The reply-topic partition named in the request's header, and an event
+    # that is set when this replica stops reading that partition.
     partition: int | None = None
     partition_moved: asyncio.Event | None = None
 

@@ -168,7 +168,7 @@ class WorkerRuntime:
         """Return (topic, partition, lag) for every assigned partition with a known high watermark.
 
         Runs on the metrics server's thread. The high watermark is the one
-        the last fetch response carried; the next offset to finish is one
+        the last fetch response carried. The next offset to finish is one
         past the last offset this worker finished on the partition, or where
         consumption started when nothing was finished since the assignment.
         """
@@ -367,11 +367,11 @@ class GraphinferApp(faust.App):
         logger.info("worker stopped name=%s %s", self.runtime.name, metrics.summary())
 
     async def _consumer_wait_empty(self, consumer: Any, log: Any) -> None:
-        # Faust waits for every message the agents took before it commits,
-        # also at shutdown, with no limit: a batch held by a database outage
-        # would keep a stopping worker alive until the outage ends. At
-        # shutdown the wait is bounded; the messages left unfinished stay
-        # uncommitted, and the next owner of their partitions processes them.
+        # Faust waits, with no limit, for every message the agents took before
+        # it commits, also at shutdown. A batch held by a database outage would
+        # then keep a stopping worker alive until the outage ends, so the wait
+        # at shutdown is bounded. Messages left unfinished stay uncommitted,
+        # and the next owner of their partitions processes them.
         # NOTE: faust-streaming 0.15.3 swallows the cancellation of its own
         # wait, so the bound polls its set of unacknowledged messages, a
         # private attribute of the pinned version.

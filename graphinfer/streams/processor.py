@@ -265,7 +265,7 @@ class BatchProcessor:
 
     def _count(self, items: Sequence[_Item]) -> None:
         for item in items:
-            source = "replay" if item.message.topic == self.topics.replay else "online"
+            source, _ = self._source(item.message)
             if item.reply is not None:
                 metrics.MESSAGES.labels(source, item.reply["status"]).inc()
                 error = item.reply.get("error")
